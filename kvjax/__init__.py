@@ -1,0 +1,34 @@
+"""kvjax: recallable KV-cache compression for long-context and streaming inference in JAX.
+
+Core (no model imports): `kvjax.methods`, `kvjax.cache`, `kvjax.attention`.
+Front (uses `models`): `kvjax.generate`, `kvjax.eval`, the `kvjax` CLI.
+"""
+
+from kvjax.cache import Cache, CacheSpec, init_cache, kv_bytes
+from kvjax.methods import Full, Method, StreamingLLM
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The front end imports `models`, which imports the kvjax core: load it lazily so that
+    # `import kvjax` (core only) never pulls in the models package.
+    if name in ("generate", "GenerationOutput", "chat_prompt"):
+        from kvjax import generation as _generation
+
+        return getattr(_generation, name)
+    raise AttributeError(f"module 'kvjax' has no attribute {name!r}")
+
+
+__all__ = [
+    "Cache",
+    "CacheSpec",
+    "Full",
+    "GenerationOutput",
+    "Method",
+    "StreamingLLM",
+    "chat_prompt",
+    "generate",
+    "init_cache",
+    "kv_bytes",
+]

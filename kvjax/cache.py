@@ -1,0 +1,57 @@
+"""The model-level KV cache pytree and its static description.
+
+A `Cache` holds one layer cache per decoder layer (whatever pytree the method defines) and
+the number of tokens already cached per sequence. It is immutable: every step returns a new
+one, and jitted steps donate the old one so XLA updates the buffers in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """Static sizes a method needs to allocate its layer caches."""
+
+    batch: int
+    capacity: int  # most tokens one sequence will hold: prompt bucket + decode steps
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: Any = jnp.float32
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@struct.dataclass
+class Cache:
+    layers: tuple[Any, ...]
+    lengths: jax.Array  # [B] int32: tokens cached per sequence (= position of the next token)
+
+
+def init_cache(method, spec: CacheSpec) -> Cache:
+    """Allocate an empty cache for `method` (validates the method against `spec` first)."""
+    method.validate(spec)
+    layers = tuple(method.init_cache(i, spec) for i in range(spec.num_layers))
+    return Cache(layers=layers, lengths=jnp.zeros((spec.batch,), jnp.int32))
+
+
+def kv_bytes(cache: Cache) -> tuple[int, int]:
+    """Bytes of cache arrays on the device and in host memory, by each array's memory kind."""
+    device = host = 0
+    for leaf in jax.tree_util.tree_leaves(cache.layers):
+        kind = getattr(getattr(leaf, "sharding", None), "memory_kind", None)
+        if kind is not None and "host" in kind:
+            host += leaf.nbytes
+        else:
+            device += leaf.nbytes
+    return device, host

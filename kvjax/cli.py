@@ -1,0 +1,199 @@
+"""The `kvjax` command line: generate, eval, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+METHOD_HYPERPARAMETERS = {
+    # CLI flag -> method field; a method receives only the fields it declares.
+    "budget": int,
+    "sink": int,
+}
+
+
+def _add_method_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
+    from kvjax.methods import METHODS
+
+    if multiple:
+        p.add_argument("--methods", nargs="+", default=["full"], choices=sorted(METHODS),
+                       help="methods to compare (default: full)")
+    else:
+        p.add_argument("--method", default="full", choices=sorted(METHODS), help="KV-cache method")
+    for name, typ in METHOD_HYPERPARAMETERS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None,
+                       help=f"method hyperparameter {name} (method default when omitted)")
+
+
+def _method_from_args(name: str, args: argparse.Namespace):
+    from kvjax.methods import METHODS, make_method
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(METHODS[name])}
+    given = {k: getattr(args, k) for k in METHOD_HYPERPARAMETERS if k in fields}
+    return make_method(name, **given)
+
+
+def _load_model(args: argparse.Namespace):
+    import models
+
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    return models.load(args.model)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvjax.generation import chat_prompt, generate
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise SystemExit("give exactly one of --prompt or --prompt-file")
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise SystemExit(f"--prompt-file: no such file: {path}")
+        prompt = path.read_text(encoding="utf-8")
+    else:
+        prompt = args.prompt
+    model = _load_model(args)
+    method = _method_from_args(args.method, args)
+    if args.chat:
+        prompt = chat_prompt(model.tokenizer, prompt)
+    print(f"generating with {method} ...", file=sys.stderr, flush=True)
+    out = generate(model, prompt, question=args.question, method=method,
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed)
+    s = out.stats
+    if args.json:
+        print(json.dumps({"text": out.text, "tokens": out.tokens, "stats": s}, default=str))
+    else:
+        print(out.text)
+        print(
+            f"[{s['prompt_tokens']} prompt tokens, prefill {s['prefill_s']:.2f}s "
+            f"({s['prompt_tokens'] / s['prefill_s']:.0f} tok/s); {s['generated_tokens']} new tokens, "
+            f"{s['tokens_per_s']:.1f} tok/s; compile {s['compile_s']:.1f}s; "
+            f"KV on device {s['device_kv_bytes'] / 2**20:.1f} MiB]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kvjax.eval import runner
+    from kvjax.eval.tasks import default_haystack_path
+
+    model = _load_model(args)
+    methods = [_method_from_args(m, args) for m in args.methods]
+    if args.task == "perplexity":
+        text = args.text or default_haystack_path()
+        if text is None:
+            raise SystemExit("perplexity: give --text FILE (the default novel in ../shared/data is absent)")
+        rows = runner.run_perplexity(model, text, args.lengths, methods, score_tokens=args.score_tokens)
+    else:
+        rows = runner.run_task(model, args.task, args.lengths, args.depths, range(args.seeds), methods,
+                               haystack=args.haystack, max_new_tokens=args.max_new_tokens)
+    print(runner.format_table(runner.summarize(rows)))
+    if args.output:
+        path = runner.write_results(args.output, rows, task=args.task, model=args.model)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import jax
+
+    from kvjax.environment import environment
+    from models.loading import embedded_model_path
+
+    env = environment()
+    try:
+        env["embedded_model"] = str(embedded_model_path())
+    except FileNotFoundError as e:
+        env["embedded_model"] = f"not installed ({e})"
+    env["device_list"] = [str(d) for d in jax.devices()]
+    if args.json:
+        print(json.dumps(env, indent=2))
+    else:
+        for k, v in env.items():
+            print(f"{k:16s} {v}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Long-context generation with the embedded model: a passkey hidden in a long prompt."""
+    from kvjax.eval.tasks import make_sample
+    from kvjax.generation import generate
+    from kvjax.methods import Full, StreamingLLM
+
+    model = _load_model(args)
+    sample = make_sample("passkey", model.tokenizer, args.tokens, depth=0.4, seed=7)
+    print(f"prompt: {sample.context_tokens} tokens with a pass key hidden at 40% depth; "
+          f"the question is fed token by token after prefill.\n")
+    for method in (Full(), StreamingLLM(budget=256)):
+        out = generate(model, sample.context, question=sample.question, method=method, max_new_tokens=8)
+        s = out.stats
+        print(f"{method.name:14s} answer: {out.text.strip()!r:20s} "
+              f"({'correct' if sample.answers[0] in out.text else 'wrong'}, expected {sample.answers[0]})")
+        print(f"{'':14s} prefill {s['prefill_s']:.2f}s ({sample.context_tokens / s['prefill_s']:.0f} tok/s), "
+              f"decode {s['decode_ms_per_step']:.1f} ms/token, KV on device "
+              f"{s['device_kv_bytes'] / 2**20:.1f} MiB, compile {s['compile_s']:.1f}s\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kvjax.eval.tasks import TASKS
+
+    parser = argparse.ArgumentParser(prog="kvjax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a (long) prompt")
+    g.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or an HF directory")
+    g.add_argument("--prompt")
+    g.add_argument("--prompt-file")
+    g.add_argument("--question", help="fed token by token after the prompt (evaluation protocol)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_method_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="accuracy / perplexity evaluation")
+    e.add_argument("task", choices=[*TASKS, "perplexity"])
+    e.add_argument("--model", default="smollm2")
+    e.add_argument("--lengths", type=int, nargs="+", default=[2048], help="target prompt tokens")
+    e.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    e.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1)")
+    e.add_argument("--haystack", help="text file for niah haystacks (default: repeated noise)")
+    e.add_argument("--text", help="perplexity text (default: ../shared/data/pride_and_prejudice.txt)")
+    e.add_argument("--score-tokens", type=int, default=64, help="perplexity: positions scored")
+    e.add_argument("--max-new-tokens", type=int, default=None)
+    e.add_argument("--output", help="write JSON results here")
+    _add_method_args(e, multiple=True)
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="devices, versions, embedded model location")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="long-context generation demo with the embedded model")
+    d.add_argument("--model", default="smollm2")
+    d.add_argument("--tokens", type=int, default=6000, help="prompt length in tokens")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"kvjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Text generation: bucketed jitted prefill, then one jitted `lax.while_loop` decode.
+
+The evaluation protocol of Quest/ClusterKV is built in: an optional `question` is fed one
+token per decode step after the context prefill, so query-aware methods see it, and only
+then does generation start.
+
+Compilation: prompts are padded (right) to a bucket length, the cache capacity is rounded
+up, and the compiled prefill and decode executables are cached per static shape, so a new
+prompt length inside a bucket compiles nothing. `COMPILE_COUNTS` counts the traces.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache import Cache, CacheSpec, init_cache, kv_bytes
+from kvjax.methods import Full, Method
+from models.bundle import Model
+from models.config import ModelConfig
+from models.llama import forward
+from models.params import Params
+
+# Trace counters per jitted entry point ("prefill", "decode"): tests use them to check that
+# a decode step compiles once per shape.
+COMPILE_COUNTS: collections.Counter[str] = collections.Counter()
+
+MIN_BUCKET = 16
+LARGE_BUCKET = 1024  # above this, prompt buckets are multiples of it
+CAPACITY_ROUND = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    text: str | list[str]  # a list when `context` was a list (batch)
+    tokens: list[int] | list[list[int]]  # generated ids only (no prompt, no question)
+    stats: dict[str, Any]
+
+
+def prompt_bucket(n: int) -> int:
+    """Padded prompt length: powers of two up to 1024, then multiples of 1024."""
+    if n <= LARGE_BUCKET:
+        return max(MIN_BUCKET, 1 << math.ceil(math.log2(max(n, 1))))
+    return LARGE_BUCKET * math.ceil(n / LARGE_BUCKET)
+
+
+def chat_prompt(tokenizer, message: str, system: str | None = None) -> str:
+    """Render one user message with the tokenizer's chat template, ready for generation."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": message}
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted pieces. `config` and `method` are static (hashable frozen dataclasses).
+
+
+def _prefill(params: Params, tokens, positions, cache: Cache, *, config: ModelConfig, method: Method):
+    COMPILE_COUNTS["prefill"] += 1
+    logits, cache = forward(params, tokens, positions, cache, method, config=config, last_only=True)
+    return logits[:, 0], cache
+
+
+def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, greedy: bool):
+    """Greedy, or temperature + nucleus (top-p) sampling. logits: [B, V] float32."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / temperature
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _decode(
+    params: Params,
+    cache: Cache,
+    first_logits,
+    forced,
+    forced_len,
+    max_new,
+    eos_ids,
+    key,
+    temperature,
+    top_p,
+    *,
+    config: ModelConfig,
+    method: Method,
+    greedy: bool,
+    out_size: int,
+):
+    """Feed the question (forced tokens) then sample until EOS or `max_new` tokens.
+
+    forced: [B, Q] question ids, forced_len: [B]. Returns generated ids [B, out_size] (-1
+    past the end), their count [B], the number of forward steps, and the final cache.
+    """
+    COMPILE_COUNTS["decode"] += 1
+    batch = forced.shape[0]
+    rows = jnp.arange(batch)
+
+    def pick(step, logits, key, out, count, done):
+        """Choose the token after `step` forward steps and record it if it is generated."""
+        key, sub = jax.random.split(key)
+        sampled = _sample(logits, sub, temperature, top_p, greedy)
+        is_forced = step < forced_len
+        token = jnp.where(is_forced, forced[rows, jnp.minimum(step, forced.shape[1] - 1)], sampled)
+        record = ~is_forced & ~done
+        out = out.at[rows, jnp.where(record, count, out_size)].set(token, mode="drop")
+        count = count + record
+        done = done | (record & (jnp.isin(token, eos_ids) | (count >= max_new)))
+        return token, key, out, count, done
+
+    out = jnp.full((batch, out_size), -1, jnp.int32)
+    count = jnp.zeros((batch,), jnp.int32)
+    done = jnp.zeros((batch,), bool)
+    token, key, out, count, done = pick(jnp.int32(0), first_logits, key, out, count, done)
+
+    def cond(carry):
+        step, _, _, _, _, _, done = carry
+        return ~jnp.all(done) & (step < forced.shape[1] + out_size)
+
+    def body(carry):
+        step, cache, token, key, out, count, done = carry
+        positions = cache.lengths[:, None]
+        logits, cache = forward(params, token[:, None], positions, cache, method, config=config)
+        step = step + 1
+        token, key, out, count, done = pick(step, logits[:, 0], key, out, count, done)
+        return step, cache, token, key, out, count, done
+
+    step, cache, _, _, out, count, _ = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), cache, token, key, out, count, done)
+    )
+    return out, count, step, cache
+
+
+_prefill_jit = jax.jit(_prefill, static_argnames=("config", "method"), donate_argnames=("cache",))
+_decode_jit = jax.jit(
+    _decode, static_argnames=("config", "method", "greedy", "out_size"), donate_argnames=("cache",)
+)
+_EXECUTABLES: dict[Any, Any] = {}
+
+
+def compiled(jitted, args: tuple, **static) -> tuple[Any, float]:
+    """The compiled executable of `jitted` for these argument shapes and static values.
+
+    Compiling ahead of time keeps compilation out of timed calls. Returns the executable and
+    the seconds spent compiling it (0 when it was cached).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    shapes = tuple((x.shape, str(x.dtype)) for x in leaves)
+    key = (jitted, treedef, shapes, tuple(sorted(static.items(), key=str)))
+    if key in _EXECUTABLES:
+        return _EXECUTABLES[key], 0.0
+    t0 = time.perf_counter()
+    _EXECUTABLES[key] = jitted.lower(*args, **static).compile()
+    return _EXECUTABLES[key], time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side.
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _pad_right(seqs: Sequence[Sequence[int]], width: int, fill: int) -> np.ndarray:
+    out = np.full((len(seqs), width), fill, np.int32)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefilled:
+    first_logits: jax.Array  # [B, V] logits after each prompt's last token
+    cache: Cache
+    bucket: int
+    prefill_s: float
+    compile_s: float
+
+
+def prefill(model: Model, prompts: Sequence[Sequence[int]], method: Method, extra_tokens: int) -> Prefilled:
+    """Prefill a batch of token prompts (right-padded to a bucket) with `method`.
+
+    The cache is sized for `extra_tokens` more tokens per sequence (question + generation).
+    """
+    config = model.config
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every context must hold at least one token")
+    lengths = np.array([len(p) for p in prompts])
+    needed = int(lengths.max()) + extra_tokens
+    if needed > config.max_position_embeddings:
+        raise ValueError(
+            f"context ({lengths.max()} tokens) + question + max_new_tokens = {needed} tokens "
+            f"exceeds the model's trained context of {config.max_position_embeddings} tokens"
+        )
+    bucket = prompt_bucket(int(lengths.max()))
+    capacity = CAPACITY_ROUND * math.ceil((bucket + extra_tokens) / CAPACITY_ROUND)
+    spec = CacheSpec(
+        batch=len(prompts),
+        capacity=capacity,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        dtype=model.params.embed.dtype,
+    )
+    cache = init_cache(method, spec)
+    tokens = jnp.asarray(_pad_right(prompts, bucket, 0))
+    slots = np.arange(bucket)[None]
+    positions = jnp.asarray(np.where(slots < lengths[:, None], slots, -1).astype(np.int32))
+    args = (model.params, tokens, positions, cache)
+    exe, compile_s = compiled(_prefill_jit, args, config=config, method=method)
+    t0 = time.perf_counter()
+    first_logits, cache = exe(*args)
+    first_logits.block_until_ready()
+    return Prefilled(first_logits, cache, bucket, time.perf_counter() - t0, compile_s)
+
+
+def generate(
+    model: Model,
+    context: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+    question: str | Sequence[str] | None = None,
+    method: Method | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> GenerationOutput:
+    """Prefill `context` with `method`, feed `question` token by token, then generate.
+
+    `context` may be a string, a list of strings (a batch), or token ids (a list of ints or a
+    list of lists). `question` (one string, or one per batch row) is tokenized without
+    special tokens. Greedy when `temperature == 0`.
+    """
+    method = Full() if method is None else method
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a kvjax Method (Full(), StreamingLLM(...)), got {method!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    config, tok = model.config, model.tokenizer
+
+    batched = not isinstance(context, str) and not (
+        len(context) > 0 and isinstance(context[0], (int, np.integer))
+    )
+    contexts = list(context) if batched else [context]
+    prompts = [list(c) if not isinstance(c, str) else _encode(tok, c, True) for c in contexts]
+    if question is None:
+        questions: list[list[int]] = [[] for _ in prompts]
+    else:
+        qs = [question] * len(prompts) if isinstance(question, str) else list(question)
+        if len(qs) != len(prompts):
+            raise ValueError(f"got {len(qs)} questions for a batch of {len(prompts)} contexts")
+        questions = [_encode(tok, q, False) for q in qs]
+    pre = prefill(model, prompts, method, extra_tokens=max(len(q) for q in questions) + max_new_tokens)
+    q_width = max(1, max(len(q) for q in questions))
+    decode_args = (
+        model.params,
+        pre.cache,
+        pre.first_logits,
+        jnp.asarray(_pad_right(questions, q_width, 0)),
+        jnp.asarray([len(q) for q in questions], jnp.int32),
+        jnp.int32(max_new_tokens),
+        jnp.asarray(model.eos_token_ids or (-1,), jnp.int32),
+        jax.random.key(seed),
+        jnp.float32(max(temperature, 1e-6)),
+        jnp.float32(top_p),
+    )
+    decode_exe, decode_compile_s = compiled(
+        _decode_jit, decode_args, config=config, method=method,
+        greedy=temperature == 0.0, out_size=max_new_tokens,
+    )
+    t0 = time.perf_counter()
+    out, count, steps, cache = decode_exe(*decode_args)
+    out = np.asarray(out)
+    decode_s = time.perf_counter() - t0
+    counts = np.asarray(count)
+    generated = [out[i, : counts[i]].tolist() for i in range(len(prompts))]
+    texts = [tok.decode(g, skip_special_tokens=True) for g in generated]
+    device_bytes, host_bytes = kv_bytes(cache)
+    stats = {
+        "prompt_tokens": [len(p) for p in prompts] if batched else len(prompts[0]),
+        "prompt_bucket": pre.bucket,
+        "prefill_s": pre.prefill_s,
+        "decode_s": decode_s,
+        "compile_s": pre.compile_s + decode_compile_s,
+        "decode_steps": int(steps),
+        "decode_ms_per_step": 1e3 * decode_s / max(int(steps), 1),
+        "generated_tokens": int(counts.sum()),
+        "tokens_per_s": float(counts.sum()) / decode_s if decode_s > 0 else float("nan"),
+        "device_kv_bytes": device_bytes,
+        "host_kv_bytes": host_bytes,
+        "method": method.describe(),
+    }
+    if batched:
+        return GenerationOutput(text=texts, tokens=generated, stats=stats)
+    return GenerationOutput(text=texts[0], tokens=generated[0], stats=stats)

@@ -1,0 +1,71 @@
+"""The method interface: how a KV-cache method plugs into any decoder.
+
+A method is a frozen dataclass of hyperparameters with three pure functions, all called per
+layer (the layer index is static, so a method may treat early layers differently):
+
+- `init_cache(layer, spec) -> layer_cache`: allocate the layer's (empty) cache pytree.
+- `prefill(layer, cache, q, k, v, lengths) -> (out, cache)`: the prompt's attention output
+  (exact causal attention) and the cache with the prompt's K/V written and indexed.
+  q: [B, T, Hq, d] post-RoPE, k/v: [B, T, Hkv, d], lengths: [B] valid (right-padded) tokens.
+- `attend(layer, cache, q, k, v, lengths) -> (out, cache)`: one decode step. q: [B, Hq, d],
+  k/v: [B, Hkv, d] for the current token at position `lengths[b]`. The current token is
+  written and attended exactly once.
+
+Methods never import the model; the model never looks inside a layer cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.cache import CacheSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Base class; subclasses are frozen dataclasses (hashable, usable as jit static args)."""
+
+    name: ClassVar[str] = "method"
+
+    def validate(self, spec: CacheSpec) -> None:
+        """Raise ValueError naming the parameter when the hyperparameters cannot work."""
+
+    def init_cache(self, layer: int, spec: CacheSpec) -> Any:
+        raise NotImplementedError
+
+    def prefill(self, layer: int, cache: Any, q, k, v, lengths) -> tuple[jax.Array, Any]:
+        raise NotImplementedError
+
+    def attend(self, layer: int, cache: Any, q, k, v, lengths) -> tuple[jax.Array, Any]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Name and hyperparameters, for result tables and JSON."""
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+
+def write_token(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
+    """Write one token per sequence: buffer [B, H, S, d], slot [B], value [B, H, d]."""
+    return jax.vmap(lambda buf, s, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], s, axis=1))(
+        buffer, slot, value
+    )
+
+
+def to_head_major(x: jax.Array, dtype) -> jax.Array:
+    """[B, T, H, d] -> [B, H, T, d] in the cache dtype."""
+    return x.transpose(0, 2, 1, 3).astype(dtype)
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """Validate an integer hyperparameter with an error naming it and the allowed range."""
+    if not isinstance(value, (int,)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def empty_kv(spec: CacheSpec, slots: int) -> tuple[jax.Array, jax.Array]:
+    shape = (spec.batch, spec.num_kv_heads, slots, spec.head_dim)
+    return jnp.zeros(shape, spec.dtype), jnp.zeros(shape, spec.dtype)

@@ -1,0 +1,43 @@
+"""`Full`: dense attention over a contiguous cache (the accuracy ceiling)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.attention import causal_attention, decode_attention
+from kvjax.cache import CacheSpec
+from kvjax.methods.base import Method, empty_kv, to_head_major, write_token
+
+
+@struct.dataclass
+class DenseLayerCache:
+    k: jax.Array  # [B, Hkv, capacity, d], slot == position
+    v: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Full(Method):
+    """Keep every token on the device and attend to all of them."""
+
+    name = "full"
+
+    def init_cache(self, layer: int, spec: CacheSpec) -> DenseLayerCache:
+        return DenseLayerCache(*empty_kv(spec, spec.capacity))
+
+    def prefill(self, layer, cache: DenseLayerCache, q, k, v, lengths):
+        t = q.shape[1]
+        if t > cache.k.shape[2]:
+            raise ValueError(f"prompt of {t} tokens exceeds the cache capacity {cache.k.shape[2]}")
+        new_k = cache.k.at[:, :, :t].set(to_head_major(k, cache.k.dtype))
+        new_v = cache.v.at[:, :, :t].set(to_head_major(v, cache.v.dtype))
+        return causal_attention(q, k, v, lengths), DenseLayerCache(new_k, new_v)
+
+    def attend(self, layer, cache: DenseLayerCache, q, k, v, lengths):
+        new_k = write_token(cache.k, lengths, k.astype(cache.k.dtype))
+        new_v = write_token(cache.v, lengths, v.astype(cache.v.dtype))
+        valid = jnp.arange(cache.k.shape[2])[None, :] <= lengths[:, None]
+        return decode_attention(q, new_k, new_v, valid), DenseLayerCache(new_k, new_v)
