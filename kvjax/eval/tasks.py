@@ -175,6 +175,8 @@ def make_sample(
 
     The fitted token count is the larger of ``encode(context + question)`` and
     ``encode(context) + encode(question)``, so the prompt fits whichever way a runner tokenizes it.
+    Haystacks of large units (distractor-needle lines, JSON pairs) that land more than 2 % short
+    are topped up with noise sentences after the haystack, before the question.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
@@ -192,7 +194,7 @@ def make_sample(
     if haystack is not None and task == "kv_retrieval":
         raise ValueError("kv_retrieval takes no haystack file: its haystack is the JSON object itself")
 
-    filler = _noise_haystack() if haystack is None else _novel_haystack(_load_units(Path(haystack)))
+    filler = _noise_haystack() if haystack is None else _novel_haystack(_load_units(Path(haystack).expanduser().resolve()))
     rngs = _Rngs(task, seed)
     layout = builder(rngs, float(depth), filler, haystack is not None, **task_kwargs)
     context, question, joint = _fit(layout, tokenizer, target_tokens, task)
@@ -309,8 +311,10 @@ def _slot(haystack: _Haystack, units: Sequence[str], depth: float) -> int:
 def _fit(layout: _Layout, tokenizer: Tokenizer, target: int, task: str) -> tuple[str, str, int]:
     """Choose the haystack size (and a noise top-up for coarse units) to fill ``target``.
 
-    Returns (context, question, joint token count). Each probe tokenizes the whole prompt once;
-    a secant estimate plus bracketing bisection keeps the probes at O(log n).
+    Returns (context, question, joint token count). The fitted count is the larger of the joint
+    and the separate tokenization; the separate one exceeds the joint one only at the fixed
+    context/question seam, so the search tokenizes just the joint prompt (once per probe) and adds
+    the seam excess measured on the bare prompt; a final exact check steps back if ever needed.
     """
     question = layout.question
     q_tokens = _n_tokens(tokenizer, question)
@@ -320,56 +324,62 @@ def _fit(layout: _Layout, tokenizer: Tokenizer, target: int, task: str) -> tuple
         context = layout.template(_weave(layout.haystack, n, layout.needles))
         return context + (" ".join(noise.take(m)) + "\n" if m else "")
 
-    def count(context: str) -> tuple[int, int]:
+    def measure(context: str) -> tuple[int, int]:
         joint = _n_tokens(tokenizer, context + question)
         return max(joint, _n_tokens(tokenizer, context) + q_tokens), joint
 
-    def fits(n: int, m: int = 0) -> bool:
-        return count(render(n, m))[0] <= target
-
-    base = count(render(0, 0))[0]
+    base, base_joint = measure(render(0, 0))
     if base > target:
         raise ValueError(
             f"target_tokens={target} is too small for task {task!r}: its instruction, needle(s) and "
             f"question alone take {base} tokens; use target_tokens >= {base}"
         )
-    n = _largest_fitting(fits, _estimate(lambda k: count(render(k, 0))[0], base, target))
-    used = count(render(n, 0))[0]
+    seam = base - base_joint
+
+    def cost(n: int, m: int) -> int:
+        return _n_tokens(tokenizer, render(n, m) + question) + seam
+
+    n, used = _largest_fitting(lambda k: cost(k, 0), target, base)
     m = 0
     if layout.haystack.coarse and used < FILL_FRACTION * target:
-        m = _largest_fitting(lambda k: fits(n, k), _estimate(lambda k: count(render(n, k))[0], used, target))
-    context = render(n, m)
-    return context, question, count(context)[1]
+        m, _ = _largest_fitting(lambda k: cost(n, k), target, used)
+    while True:
+        context = render(n, m)
+        fitted, joint = measure(context)
+        if fitted <= target:
+            return context, question, joint
+        n, m = (n, m - 1) if m else (n - 1, 0)
 
 
-def _estimate(cost: Callable[[int], int], base: int, target: int, probe: int = 256) -> int:
-    """Units needed to reach ``target``: a linear estimate from ``probe`` units, one secant step."""
-    guess = probe * (target - base) // max(cost(probe) - base, 1)
-    if guess <= 0:
-        return 0
-    return max(0, guess * (target - base) // max(cost(guess) - base, 1))
+def _largest_fitting(cost: Callable[[int], int], target: int, base: int, first: int = 256) -> tuple[int, int]:
+    """Largest n >= 0 with ``cost(n) <= target``, and that cost, given ``cost(0) = base <= target``.
 
-
-def _largest_fitting(fits: Callable[[int], bool], guess: int) -> int:
-    """Largest n >= 0 with ``fits(n)`` (given ``fits(0)``; ``fits`` nearly monotone), near ``guess``."""
-    step = max(1, guess // 256)
-    if fits(guess):
-        lo, hi = guess, guess + step
-        while fits(hi):
-            lo, step = hi, step * 2
-            hi = lo + step
-    else:
-        lo, hi = max(0, guess - step), guess
-        while lo > 0 and not fits(lo):
-            hi, step = lo, step * 2
-            lo = max(0, hi - step)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
+    ``cost`` is nondecreasing and nearly linear in n, so probes are secant steps: extrapolation
+    until a failing n brackets the answer, then interpolation inside the bracket. Doubling (before
+    the bracket) and bisection (when an interpolation fails to halve it) keep the probes O(log n).
+    """
+    lo, c_lo = 0, base
+    hi, c_hi = -1, 0  # hi < 0: no failing n seen yet
+    probe, stride, width = first, 1, 0
+    while True:
+        c = cost(probe)
+        if c <= target:
+            lo, c_lo = probe, c
         else:
-            hi = mid
-    return lo
+            hi, c_hi = probe, c
+        if hi < 0:
+            per_unit = max(c_lo - base, 1) / lo
+            probe = lo + max(int((target - c_lo) / per_unit), stride)
+            stride *= 2
+            continue
+        if hi - lo <= 1:
+            return lo, c_lo
+        if width and 2 * (hi - lo) > width:
+            probe = (lo + hi) // 2
+        else:
+            probe = lo + (target - c_lo) * (hi - lo) // max(c_hi - c_lo, 1)
+        width = hi - lo
+        probe = min(max(probe, lo + 1), hi - 1)
 
 
 def _n_tokens(tokenizer: Tokenizer, text: str) -> int:
