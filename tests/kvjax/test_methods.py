@@ -1,0 +1,214 @@
+"""Attention primitives and the two foundation methods against straightforward numpy references.
+
+The methods are driven directly through the method interface (no model): random post-RoPE
+q/k/v for a prompt, then decode steps, and every output is compared with dense softmax
+attention over exactly the tokens the method is specified to keep.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import CacheSpec, Full, StreamingLLM, init_cache
+from kvjax.attention import causal_attention, decode_attention
+from kvjax.methods import make_method
+
+HQ, HKV, D = 4, 2, 8
+TOL = 2e-5
+
+
+def np_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """One query head vs. the kept keys: q [d], k/v [S, d], keep [S] bool -> [d]."""
+    s = (k[keep] @ q) / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max())
+    return (p / p.sum()) @ v[keep]
+
+
+def _spec(batch: int, capacity: int) -> CacheSpec:
+    return CacheSpec(batch=batch, capacity=capacity, num_layers=1, num_heads=HQ, num_kv_heads=HKV, head_dim=D)
+
+
+def _random_stream(rng, batch: int, total: int):
+    """q [B, T, Hq, d], k/v [B, T, Hkv, d] for `total` positions per sequence."""
+    q = rng.standard_normal((batch, total, HQ, D)).astype(np.float32)
+    k = rng.standard_normal((batch, total, HKV, D)).astype(np.float32)
+    v = rng.standard_normal((batch, total, HKV, D)).astype(np.float32)
+    return q, k, v
+
+
+def _kept_by_streaming(method: StreamingLLM, current: int) -> np.ndarray:
+    """Positions 0..current that StreamingLLM attends at `current`: sinks + the last window."""
+    pos = np.arange(current + 1)
+    return (pos < method.sink) | (pos > current - method.window)
+
+
+def _run(method, prompt_lengths, decode_steps, seed=0, bucket=None):
+    """Prefill right-padded prompts, then decode `decode_steps` tokens per sequence.
+
+    Returns (prefill output, [(step output, positions)...], q, k, v) as numpy arrays, where
+    q/k/v hold the real token at every position.
+    """
+    rng = np.random.default_rng(seed)
+    batch = len(prompt_lengths)
+    lengths = np.array(prompt_lengths)
+    bucket = bucket or int(lengths.max())
+    total = bucket + decode_steps
+    q, k, v = _random_stream(rng, batch, total)
+    cache = init_cache(method, _spec(batch, total)).layers[0]
+    prefill = jax.jit(lambda c, q, k, v, n: method.prefill(0, c, q, k, v, n))
+    attend = jax.jit(lambda c, q, k, v, n: method.attend(0, c, q, k, v, n))
+    # Prompt slots past each length are padding: fill them with other values than the tokens
+    # decoded there later, so a method that caches or attends padding fails the comparison.
+    pad = np.arange(bucket)[None, :, None, None] >= lengths[:, None, None, None]
+    noise = [rng.standard_normal(x[:, :bucket].shape).astype(np.float32) for x in (q, k, v)]
+    prompt = [np.where(pad, n, x[:, :bucket]) for n, x in zip(noise, (q, k, v))]
+    out, cache = prefill(cache, *prompt, jnp.asarray(lengths))
+    steps = []
+    cur = lengths.copy()
+    for _ in range(decode_steps):
+        rows = np.arange(batch)
+        step_out, cache = attend(cache, q[rows, cur], k[rows, cur], v[rows, cur], jnp.asarray(cur))
+        steps.append((np.asarray(step_out), cur.copy()))
+        cur = cur + 1
+    return np.asarray(out), steps, q, k, v
+
+
+def _check_prefill(out, q, k, v, lengths):
+    for b, n in enumerate(lengths):
+        for t in range(n):
+            for h in range(HQ):
+                keep = np.arange(q.shape[1]) <= t
+                ref = np_attention(q[b, t, h], k[b, :, h // (HQ // HKV)], v[b, :, h // (HQ // HKV)], keep)
+                np.testing.assert_allclose(out[b, t, h], ref, atol=TOL, rtol=0)
+
+
+def _check_steps(steps, q, k, v, keep_fn):
+    for out, cur in steps:
+        for b, c in enumerate(cur):
+            keep = np.zeros(q.shape[1], bool)
+            keep[: c + 1] = keep_fn(c)
+            for h in range(HQ):
+                g = h // (HQ // HKV)
+                np.testing.assert_allclose(out[b, h], np_attention(q[b, c, h], k[b, :, g], v[b, :, g], keep),
+                                           atol=TOL, rtol=0)
+
+
+# --- attention primitives -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask_rank", ["token", "kv_head", "q_head"])
+def test_decode_attention_matches_reference_with_masks(mask_rank):
+    rng = np.random.default_rng(1)
+    b, s = 2, 37
+    q = rng.standard_normal((b, HQ, D)).astype(np.float32)
+    k = rng.standard_normal((b, HKV, s, D)).astype(np.float32)
+    v = rng.standard_normal((b, HKV, s, D)).astype(np.float32)
+    heads = {"token": 1, "kv_head": HKV, "q_head": HQ}[mask_rank]
+    valid = rng.random((b, heads, s)) < 0.5
+    valid[..., 0] = True
+    arg = valid[:, 0] if mask_rank == "token" else valid
+    out = np.asarray(decode_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(arg)))
+    g = HQ // HKV
+    for i in range(b):
+        for h in range(HQ):
+            keep = valid[i, {"token": 0, "kv_head": h // g, "q_head": h}[mask_rank]]
+            np.testing.assert_allclose(out[i, h], np_attention(q[i, h], k[i, h // g], v[i, h // g], keep),
+                                       atol=TOL, rtol=0)
+
+
+def test_decode_attention_fully_masked_row_is_finite():
+    q = jnp.ones((1, HQ, D))
+    k = v = jnp.ones((1, HKV, 5, D))
+    out = decode_attention(q, k, v, jnp.zeros((1, 5), bool))
+    assert np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("t", [40, 1024])
+def test_causal_attention_matches_reference(t):
+    """Short prompts take the one-block path, long ones the blocked online-softmax path."""
+    rng = np.random.default_rng(t)
+    q, k, v = _random_stream(rng, 2, t)
+    lengths = np.array([t, t // 2 + 3])
+    out = np.asarray(causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths)))
+    g = HQ // HKV
+    for b, n in enumerate(lengths):
+        for tq in rng.choice(n, size=12, replace=False):
+            for h in range(HQ):
+                keep = np.arange(t) <= tq
+                np.testing.assert_allclose(out[b, tq, h], np_attention(q[b, tq, h], k[b, :, h // g], v[b, :, h // g], keep),
+                                           atol=TOL, rtol=0)
+    assert np.isfinite(out).all()  # padded rows included
+
+
+# --- Full and StreamingLLM ------------------------------------------------------------------
+
+
+def test_full_prefill_and_decode_match_dense_reference():
+    lengths = [13, 20, 7]
+    out, steps, q, k, v = _run(Full(), lengths, decode_steps=6, seed=2)
+    _check_prefill(out, q, k, v, lengths)
+    _check_steps(steps, q, k, v, lambda c: np.ones(c + 1, bool))
+
+
+@pytest.mark.parametrize(
+    "budget,sink,lengths",
+    [
+        (12, 4, [30, 11, 5, 2]),  # longer than the budget, shorter, shorter than the sink
+        (9, 0, [17, 9]),  # no sinks, exactly the budget
+        (16, 4, [16, 1]),
+    ],
+)
+def test_streaming_llm_keeps_sinks_and_recent_window(budget, sink, lengths):
+    method = StreamingLLM(budget=budget, sink=sink)
+    out, steps, q, k, v = _run(method, lengths, decode_steps=2 * budget, seed=budget + sink)
+    _check_prefill(out, q, k, v, lengths)  # the prompt itself is attended densely
+    _check_steps(steps, q, k, v, lambda c: _kept_by_streaming(method, c))
+
+
+def test_streaming_llm_device_memory_is_the_budget():
+    method = StreamingLLM(budget=64, sink=4)
+    layer = init_cache(method, _spec(2, 10_000)).layers[0]
+    assert layer.k.shape == (2, HKV, 64, D)
+
+
+def test_streaming_llm_covering_budget_equals_full():
+    lengths = [25, 18]
+    steps = 10
+    budget = max(lengths) + steps
+    _, full_steps, *_ = _run(Full(), lengths, steps, seed=5)
+    _, stream_steps, *_ = _run(StreamingLLM(budget=budget, sink=4), lengths, steps, seed=5)
+    for (a, _), (b, _) in zip(full_steps, stream_steps):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"budget": 4, "sink": 4}, "budget must be an integer >= 5"),
+        ({"budget": 0}, "budget"),
+        ({"budget": 64, "sink": -1}, "sink must be an integer >= 0"),
+        ({"budget": 64.0}, "budget"),
+    ],
+)
+def test_streaming_llm_rejects_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        init_cache(StreamingLLM(**kwargs), _spec(1, 128))
+
+
+def test_make_method_builds_and_rejects():
+    assert make_method("streaming-llm", budget=128, sink=None) == StreamingLLM(budget=128)
+    assert make_method("full") == Full()
+    with pytest.raises(ValueError, match="method='nope' is unknown"):
+        make_method("nope")
+    with pytest.raises(ValueError, match="not \\['window'\\]"):
+        make_method("streaming_llm", window=3)
+
+
+def test_methods_are_hashable_static_arguments():
+    """Methods are jit static arguments: equal hyperparameters must hash equal."""
+    assert hash(StreamingLLM(budget=32)) == hash(StreamingLLM(budget=32))
+    assert StreamingLLM(budget=32) != StreamingLLM(budget=33)
+    assert StreamingLLM(budget=32).describe() == {"method": "streaming_llm", "budget": 32, "sink": 4}
