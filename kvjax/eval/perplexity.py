@@ -56,7 +56,7 @@ def _teacher_forced_nll(
     return jnp.concatenate([first[None], rest], axis=0).T  # [B, n]
 
 
-_nll_jit = jax.jit(_teacher_forced_nll, static_argnames=("config", "method"), donate_argnames=("cache",))
+_nll_jit = jax.jit(_teacher_forced_nll, static_argnames=("config", "method"))
 
 
 def load_text_tokens(model: Model, path: str | Path, limit: int) -> list[int]:

@@ -478,7 +478,8 @@ def test_missing_files_and_directories(tmp_path):
         with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "no-dir"))):
             call(tmp_path / "no-dir")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors .* in " + re.escape(str(tmp_path / 'empty'))):
+    empty = re.escape(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors .* in " + empty):
         load_safetensors_dir(tmp_path / "empty")
 
 
@@ -544,7 +545,8 @@ def test_sharded_checkpoint_with_missing_shard(tiny_dirs, tmp_path):
     directory = shutil.copytree(tiny_dirs["sharded"][0], tmp_path / "sharded")
     shard = sorted(directory.glob("model-*-of-*.safetensors"))[1]
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(f"shard {shard} listed in ") + r".*index\.json does not exist"):
+    pattern = re.escape(f"shard {shard} listed in ") + r".*index\.json does not exist"
+    with pytest.raises(FileNotFoundError, match=pattern):
         load_safetensors_dir(directory)
 
 
@@ -572,7 +574,8 @@ def test_unknown_model_name(tmp_path, monkeypatch):
 def test_embedded_model_missing_package(monkeypatch):
     monkeypatch.setattr(loading, "EMBEDDED_PACKAGE", "kvjax_test_no_such_package")
     for call in (loading.embedded_model_path, lambda: models.load("SmolLM2")):
-        with pytest.raises(FileNotFoundError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf was not found.*pip install"):
+        with pytest.raises(FileNotFoundError,
+                           match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf was not found.*pip install"):
             call()
 
 

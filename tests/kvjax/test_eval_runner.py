@@ -1,0 +1,96 @@
+"""Perplexity fidelity and the evaluation runner, on the tiny model with the SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import CacheSpec, Full, StreamingLLM, init_cache
+from kvjax.eval import perplexity as ppl
+from kvjax.eval import runner
+from models.llama import forward
+
+TEXT = " ".join(
+    f"On day {i} the {['red', 'blue', 'green'][i % 3]} boat sailed {i * 7 % 13} miles north." for i in range(400)
+)
+
+
+def _dense_nll(model, tokens, context, n):
+    """Reference: one causal forward over the whole sequence, NLL of tokens[context:context+n]."""
+    c = model.config
+    t = 512
+    spec = CacheSpec(batch=1, capacity=t, num_layers=c.num_layers, num_heads=c.num_heads,
+                     num_kv_heads=c.num_kv_heads, head_dim=c.head_dim)
+    ids = np.zeros((1, t), np.int32)
+    ids[0, : len(tokens)] = tokens
+    pos = np.where(np.arange(t) < len(tokens), np.arange(t), -1)[None].astype(np.int32)
+    logits, _ = jax.jit(forward, static_argnames=("method", "config"))(
+        model.params, jnp.asarray(ids), jnp.asarray(pos), init_cache(Full(), spec), Full(), config=c)
+    logp = jax.nn.log_softmax(np.asarray(logits)[0], axis=-1)
+    targets = tokens[context : context + n]
+    return -float(np.mean([logp[context - 1 + i, tok] for i, tok in enumerate(targets)]))
+
+
+def test_full_perplexity_equals_a_dense_forward(tiny_lm):
+    tokens = tiny_lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:300]
+    result = ppl.perplexity(tiny_lm, tokens, Full(), context_tokens=200, score_tokens=40)
+    assert result.nll == pytest.approx(_dense_nll(tiny_lm, tokens, 200, 40), abs=1e-4)
+    assert result.perplexity == pytest.approx(math.exp(result.nll))
+
+
+def test_compressed_perplexity_differs_and_covering_budget_does_not(tiny_lm):
+    tokens = tiny_lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:300]
+    full = ppl.perplexity(tiny_lm, tokens, Full(), 200, 40).nll
+    covering = ppl.perplexity(tiny_lm, tokens, StreamingLLM(budget=256), 200, 40).nll
+    small = ppl.perplexity(tiny_lm, tokens, StreamingLLM(budget=16), 200, 40).nll
+    assert covering == pytest.approx(full, abs=1e-5)
+    assert abs(small - full) > 1e-3
+
+
+def test_perplexity_rejects_bad_arguments(tiny_lm, tmp_path):
+    with pytest.raises(ValueError, match="score_tokens must be >= 1"):
+        ppl.perplexity(tiny_lm, [1] * 50, Full(), 20, 0)
+    with pytest.raises(ValueError, match="need 70 tokens"):
+        ppl.perplexity(tiny_lm, [1] * 50, Full(), 20, 50)
+    with pytest.raises(FileNotFoundError, match="text file not found"):
+        ppl.load_text_tokens(tiny_lm, tmp_path / "missing.txt", 10)
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words")
+    with pytest.raises(ValueError, match="fewer than the 100 needed"):
+        ppl.load_text_tokens(tiny_lm, short, 100)
+
+
+def test_run_task_rows_summary_and_json(tiny_lm, tmp_path):
+    methods = [Full(), StreamingLLM(budget=32)]
+    rows = runner.run_task(tiny_lm, "passkey", [200], [0.5], [0, 1], methods, progress=False)
+    assert len(rows) == 4
+    assert {r["method"] for r in rows} == {"full", "streaming_llm"}
+    assert all(r["score"] in (0.0, 1.0) and abs(r["context_tokens"] - 200) <= 20 for r in rows)
+    summary = runner.summarize(rows)
+    assert {s["method"] for s in summary} == {"full", "streaming_llm(budget=32, sink=4)"}
+    for s in summary:
+        label_rows = [r for r in rows if runner.method_label(r) == s["method"]]
+        assert s["n"] == 2 and s["score"] == pytest.approx(np.mean([r["score"] for r in label_rows]))
+    table = runner.format_table(summary)
+    assert "streaming_llm(budget=32, sink=4)" in table and table.count("\n") == 3
+    path = runner.write_results(tmp_path / "out" / "passkey.json", rows, task="passkey")
+    payload = json.loads(path.read_text())
+    assert payload["rows"] == json.loads(json.dumps(rows))
+    assert payload["environment"]["backend"] == jax.default_backend()
+
+
+def test_kv_retrieval_ignores_the_haystack_file(tiny_lm, tmp_path):
+    novel = tmp_path / "novel.txt"
+    novel.write_text(TEXT)
+    rows = runner.run_task(tiny_lm, "kv_retrieval", [200], [0.5], [0], [Full()], haystack=novel, progress=False)
+    assert len(rows) == 1
+
+
+def test_run_task_rejects_unknown_task(tiny_lm):
+    with pytest.raises(ValueError, match="task='nope' is unknown"):
+        runner.run_task(tiny_lm, "nope", [200], [0.5], [0], [Full()])
