@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from models.config import ModelConfig, RopeScaling
@@ -23,8 +24,9 @@ from models.params import LayerParams, Params, param_shapes
 
 CACHE_ENV_VAR = "KVJAX_CACHE_DIR"
 CONFIG_FILE = "config.json"
+CHECKSUM_FILE = "checksums.json"
 # Bump when the layout of `Params` or of a cache entry changes, so old entries are not reused.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -68,16 +70,41 @@ def abstract_params(config: ModelConfig, dtype: jnp.dtype) -> Params:
     )
 
 
+def params_checksums(params: Params) -> list[int]:
+    """One integer per leaf: the sum of its raw bits, so any flipped bit changes it.
+
+    Orbax/TensorStore store no checksum of array bytes; without this a corrupted byte inside
+    a chunk would restore silently wrong weights.
+    """
+    sums = []
+    for leaf in jax.tree_util.tree_leaves(params):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        bits = array.view(np.dtype(f"uint{array.dtype.itemsize * 8}"))
+        sums.append(int(bits.sum(dtype=np.uint64)))
+    return sums
+
+
 def save_params(params: Params, directory: str | Path) -> None:
-    """Write `params` as an Orbax checkpoint at `directory` (replacing any existing one)."""
+    """Write `params` as an Orbax checkpoint at `directory` (replacing any existing one),
+    with per-leaf checksums beside it."""
+    directory = Path(directory).absolute()
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(Path(directory).absolute(), params, force=True)
+        checkpointer.save(directory, params, force=True)
+    (directory / CHECKSUM_FILE).write_text(json.dumps(params_checksums(params)))
 
 
 def restore_params(directory: str | Path, config: ModelConfig, dtype: jnp.dtype) -> Params:
-    """Read back `save_params`' checkpoint of the model described by `config`, as `dtype`."""
+    """Read back `save_params`' checkpoint of the model described by `config`, as `dtype`.
+
+    Raises ValueError if the restored arrays do not match the checksums written with them.
+    """
+    directory = Path(directory).absolute()
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(Path(directory).absolute(), abstract_params(config, dtype))
+        params = checkpointer.restore(directory, abstract_params(config, dtype))
+    expected = json.loads((directory / CHECKSUM_FILE).read_text())
+    if params_checksums(params) != expected:
+        raise ValueError(f"{directory}: restored params do not match their checksums (corrupt checkpoint)")
+    return params
 
 
 def save_config(config: ModelConfig, directory: str | Path) -> None:

@@ -427,24 +427,16 @@ def _smollm2() -> Path:
 
 @pytest.mark.slow
 def test_smollm2_params_match_transformers_gguf_loader():
-    """Our dequantization + un-permutation vs transformers' own GGUF conversion.
-
-    `AutoModelForCausalLM.from_pretrained(..., gguf_file=...)` needs `accelerate`; it converts
-    the tensors with `load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)`,
-    which is called directly here (same conversion, no accelerate needed).
-    """
+    """Our dequantization + un-permutation vs transformers' own GGUF loading, tensor by tensor."""
     path = _smollm2()
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers import AutoModelForCausalLM
 
     config, params = load_gguf(path)
     ours = as_hf(params)
     del params
-    hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_config)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
-    assert set(skeleton.state_dict()) - set(tensors) == {"lm_head.weight"}  # tied
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                              local_files_only=True, dtype=torch.float32)
+    hf_config = hf.config
     assert config.tie_word_embeddings and hf_config.tie_word_embeddings
     assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_layers,
             config.num_heads, config.num_kv_heads) == (
@@ -452,7 +444,7 @@ def test_smollm2_params_match_transformers_gguf_loader():
         hf_config.num_hidden_layers, hf_config.num_attention_heads, hf_config.num_key_value_heads)
     assert config.rope_theta == hf_config.rope_parameters["rope_theta"]
     assert config.rms_norm_eps == pytest.approx(hf_config.rms_norm_eps)
-    assert_same_tensors(ours, {k: v.float().numpy() for k, v in tensors.items()}, atol=1e-5)
+    assert_same_tensors(ours, torch_state(hf, tied=True), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -718,6 +710,8 @@ CORRUPTIONS = {
 }
 
 
+# When one array fails to read, Orbax drops the other pending read coroutines with their errors.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
 def test_corrupt_cache_entry_is_detected_and_rebuilt(checkpoint, conversions, corruption):
     directory, (config, params) = checkpoint
@@ -739,9 +733,6 @@ def test_corrupt_cache_entry_is_detected_and_rebuilt(checkpoint, conversions, co
     assert_params_equal(restored.params, params)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: Orbax/TensorStore keeps no checksum of the array bytes, so a byte flipped in place "
-    "inside a chunk restores silently wrong params instead of being detected and rebuilt"))
 def test_bit_flip_in_cached_array_data_is_detected(checkpoint, conversions):
     directory, (_, params) = checkpoint
     models.load(directory)
