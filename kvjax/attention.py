@@ -15,17 +15,29 @@ import jax.numpy as jnp
 MASKED = -1e30
 
 
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
-    """One query token per sequence against a set of cached tokens.
+def decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    valid: jax.Array,
+    current: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """One query token per sequence against a set of cached tokens (and itself).
 
     q: [B, Hq, d]; k, v: [B, Hkv, S, d]; valid: [B, S] or [B, Hkv, S] or [B, Hq, S]
-    (per query head). Returns [B, Hq, d] in q's dtype.
+    (per query head); current: the query token's own (k, v), [B, Hkv, d] each, always
+    attended. Returns [B, Hq, d] in q's dtype.
+
+    Methods pass the current token here and write it into the cache *after* attending:
+    reading a buffer before updating it in place lets XLA skip copying the whole cache
+    (see `kvjax.compat.compiler_options`).
     """
     b, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     qg = q.reshape(b, hkv, g, d).astype(jnp.float32)
-    s = jnp.einsum("bhgd,bhsd->bhgs", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
+    scale = 1.0 / jnp.sqrt(jnp.float32(d))
+    s = jnp.einsum("bhgd,bhsd->bhgs", qg, k.astype(jnp.float32)) * scale
     if valid.ndim == 2:
         mask = valid[:, None, None, :]
     elif valid.shape[1] == hkv:
@@ -33,8 +45,17 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array)
     else:
         mask = valid.reshape(b, hkv, g, -1)
     s = jnp.where(mask, s, MASKED)
-    p = jax.nn.softmax(s, axis=-1)
-    out = jnp.einsum("bhgs,bhsd->bhgd", p, v.astype(jnp.float32))
+    if current is None:
+        p = jax.nn.softmax(s, axis=-1)
+        out = jnp.einsum("bhgs,bhsd->bhgd", p, v.astype(jnp.float32))
+        return out.reshape(b, hq, d).astype(q.dtype)
+    k_cur, v_cur = (x.astype(jnp.float32) for x in current)
+    s_cur = jnp.einsum("bhgd,bhd->bhg", qg, k_cur) * scale
+    m = jnp.maximum(s.max(axis=-1), s_cur)
+    p = jnp.exp(s - m[..., None])
+    p_cur = jnp.exp(s_cur - m)
+    out = jnp.einsum("bhgs,bhsd->bhgd", p, v.astype(jnp.float32)) + p_cur[..., None] * v_cur[:, :, None]
+    out = out / (p.sum(axis=-1) + p_cur)[..., None]
     return out.reshape(b, hq, d).astype(q.dtype)
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import Cache, CacheSpec, init_cache, kv_bytes
+from kvjax.compat import compiler_options
 from kvjax.methods import Full, Method
 from models.bundle import Model
 from models.config import ModelConfig
@@ -163,7 +164,7 @@ def compiled(jitted, args: tuple, **static) -> tuple[Any, float]:
     if key in _EXECUTABLES:
         return _EXECUTABLES[key], 0.0
     t0 = time.perf_counter()
-    _EXECUTABLES[key] = jitted.lower(*args, **static).compile()
+    _EXECUTABLES[key] = jitted.lower(*args, **static).compile(compiler_options=compiler_options())
     return _EXECUTABLES[key], time.perf_counter() - t0
 
 

@@ -127,5 +127,5 @@ def forward(
     if last_only and tokens.shape[1] > 1:
         x = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
     x = rms_norm(x, params.final_norm, config.rms_norm_eps)
-    logits = (x @ params.output_matrix()).astype(jnp.float32)
+    logits = params.logits(x).astype(jnp.float32)
     return logits, Cache(layers=tuple(new_layers), lengths=new_lengths)

@@ -37,9 +37,15 @@ class Params:
     final_norm: jax.Array  # [D]
     lm_head: jax.Array | None = None  # [D, V]; None when the embeddings are tied
 
-    def output_matrix(self) -> jax.Array:
-        """The `[D, V]` matrix that maps hidden states to logits."""
-        return self.embed.T if self.lm_head is None else self.lm_head
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Hidden states `[..., D]` -> logits `[..., V]` (the tied embedding when no lm_head).
+
+        The tied case contracts with `embed` `[V, D]` directly: `embed.T @` would make XLA
+        materialise a transposed copy of the whole embedding.
+        """
+        if self.lm_head is None:
+            return jnp.einsum("...d,vd->...v", x, self.embed)
+        return x @ self.lm_head
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -37,7 +37,7 @@ class Full(Method):
         return causal_attention(q, k, v, lengths), DenseLayerCache(new_k, new_v)
 
     def attend(self, layer, cache: DenseLayerCache, q, k, v, lengths):
-        new_k = write_token(cache.k, lengths, k.astype(cache.k.dtype))
-        new_v = write_token(cache.v, lengths, v.astype(cache.v.dtype))
-        valid = jnp.arange(cache.k.shape[2])[None, :] <= lengths[:, None]
-        return decode_attention(q, new_k, new_v, valid), DenseLayerCache(new_k, new_v)
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        valid = jnp.arange(cache.k.shape[2])[None, :] < lengths[:, None]
+        out = decode_attention(q, cache.k, cache.v, valid, current=(k, v))
+        return out, DenseLayerCache(write_token(cache.k, lengths, k), write_token(cache.v, lengths, v))

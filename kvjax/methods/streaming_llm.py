@@ -66,9 +66,10 @@ class StreamingLLM(Method):
         return out, RingLayerCache(new_k, new_v, pos.astype(jnp.int32))
 
     def attend(self, layer, cache: RingLayerCache, q, k, v, lengths):
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         slot = self.slot_of(lengths)
-        new_k = write_token(cache.k, slot, k.astype(cache.k.dtype))
-        new_v = write_token(cache.v, slot, v.astype(cache.v.dtype))
+        # The token in the current token's slot is the one being evicted: not attended.
+        evicted = jnp.arange(self.budget)[None, :] == slot[:, None]
+        out = decode_attention(q, cache.k, cache.v, (cache.pos >= 0) & ~evicted, current=(k, v))
         pos = jax.vmap(lambda p, s, x: p.at[s].set(x))(cache.pos, slot, lengths)
-        out = decode_attention(q, new_k, new_v, pos >= 0)
-        return out, RingLayerCache(new_k, new_v, pos)
+        return out, RingLayerCache(write_token(cache.k, slot, k), write_token(cache.v, slot, v), pos)
