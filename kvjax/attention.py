@@ -60,13 +60,14 @@ def decode_attention(
 
 
 def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, block: int = 512
+    q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, block: int = 512, kv_block: int = 256
 ) -> jax.Array:
     """Causal self-attention over a right-padded prompt.
 
     q: [B, T, Hq, d]; k, v: [B, T, Hkv, d]; lengths: [B] valid tokens. Returns [B, T, Hq, d].
-    Long prompts are processed in query blocks that only visit key blocks up to the diagonal
-    (online softmax), which halves the work and bounds the score buffer to block x block.
+    Prompts up to `block` tokens are one masked softmax. Longer ones (a multiple of
+    `kv_block`) run in `kv_block`-sized query blocks that visit only the key blocks up to the
+    diagonal with an online softmax: half the work of a full mask, a bounded score buffer.
     """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
@@ -82,28 +83,32 @@ def causal_attention(
         s = jnp.where(mask[:, None, None], s, MASKED)
         out = jnp.einsum("bhgqk,bhkd->bhgqd", jax.nn.softmax(s, axis=-1), vt)
     else:
-        if t % block:
-            raise ValueError(f"prompt length {t} must be a multiple of block={block}")
-        out = _blocked_causal(qg, kt, vt, lengths, block)
+        if t % kv_block:
+            raise ValueError(f"prompt length {t} must be a multiple of kv_block={kv_block}")
+        out = _blocked_causal(qg, kt, vt, kv_block)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
 
 
-def _blocked_causal(qg, kt, vt, lengths, block):
+def _blocked_causal(qg, kt, vt, block):
+    """Online-softmax causal attention in square blocks; qg [B, Hkv, G, T, d] pre-scaled.
+
+    Only the diagonal block needs a mask: right padding sits after every valid query, so
+    causality alone keeps valid queries off it (padded query rows stay finite, unused).
+    """
     b, hkv, g, t, d = qg.shape
     offsets = jnp.arange(block)
+    diagonal_mask = offsets[:, None] >= offsets[None, :]
 
     def query_block(i):
         qi = jax.lax.dynamic_slice_in_dim(qg, i * block, block, axis=3)
-        qpos = i * block + offsets
 
-        def key_block(j, carry):
+        def accumulate(carry, j, mask):
             m, l, acc = carry
             kj = jax.lax.dynamic_slice_in_dim(kt, j * block, block, axis=2)
             vj = jax.lax.dynamic_slice_in_dim(vt, j * block, block, axis=2)
-            kpos = j * block + offsets
-            mask = (qpos[:, None] >= kpos[None, :])[None] & (kpos[None, :] < lengths[:, None])[:, None]
             s = jnp.einsum("bhgqd,bhkd->bhgqk", qi, kj)
-            s = jnp.where(mask[:, None, None], s, MASKED)
+            if mask is not None:
+                s = jnp.where(mask, s, MASKED)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
@@ -116,7 +121,8 @@ def _blocked_causal(qg, kt, vt, lengths, block):
             jnp.zeros((b, hkv, g, block), jnp.float32),
             jnp.zeros((b, hkv, g, block, d), jnp.float32),
         )
-        _, l, acc = jax.lax.fori_loop(0, i + 1, key_block, init)
+        carry = jax.lax.fori_loop(0, i, lambda j, c: accumulate(c, j, None), init)
+        _, l, acc = accumulate(carry, i, diagonal_mask)
         return acc / l[..., None]
 
     blocks = jax.lax.map(query_block, jnp.arange(t // block))  # [nb, B, Hkv, G, block, d]

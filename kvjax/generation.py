@@ -34,7 +34,8 @@ from models.params import Params
 COMPILE_COUNTS: collections.Counter[str] = collections.Counter()
 
 MIN_BUCKET = 16
-LARGE_BUCKET = 1024  # above this, prompt buckets are multiples of it
+LARGE_BUCKET = 1024  # above this, prompt buckets grow in steps of BUCKET_STEP
+BUCKET_STEP = 512  # the causal attention's block: long prompts are a whole number of blocks
 CAPACITY_ROUND = 64
 
 
@@ -46,10 +47,13 @@ class GenerationOutput:
 
 
 def prompt_bucket(n: int) -> int:
-    """Padded prompt length: powers of two up to 1024, then multiples of 1024."""
+    """Padded prompt length: powers of two up to 1024, then multiples of 512.
+
+    Few shapes (few compilations) for short prompts, at most 511 padding tokens for long ones.
+    """
     if n <= LARGE_BUCKET:
         return max(MIN_BUCKET, 1 << math.ceil(math.log2(max(n, 1))))
-    return LARGE_BUCKET * math.ceil(n / LARGE_BUCKET)
+    return BUCKET_STEP * math.ceil(n / BUCKET_STEP)
 
 
 def chat_prompt(tokenizer, message: str, system: str | None = None) -> str:

@@ -28,7 +28,7 @@ def _ids(n: int, seed: int) -> list[int]:
 
 
 def test_prompt_bucket():
-    assert [prompt_bucket(n) for n in (1, 16, 17, 1000, 1024, 1025, 7500)] == [16, 16, 32, 1024, 1024, 2048, 8192]
+    assert [prompt_bucket(n) for n in (1, 16, 17, 1000, 1024, 1025, 7500)] == [16, 16, 32, 1024, 1024, 1536, 7680]
 
 
 def test_one_compile_per_bucket(tiny):
