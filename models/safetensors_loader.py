@@ -19,6 +19,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 from safetensors import SafetensorError, safe_open
 
 from models.config import ModelConfig
@@ -76,6 +77,8 @@ def build_params(
         return jnp.asarray(array.T if transpose else array, dtype=dtype)
 
     shapes = param_shapes(config)
+    progress = tqdm(range(config.num_layers), desc=f"converting {Path(source).name}", unit="layer",
+                    leave=False, disable=None)  # disable=None: only on a terminal
     layers = tuple(
         LayerParams(
             **{
@@ -83,7 +86,7 @@ def build_params(
                 for field, shape in shapes.items()
             }
         )
-        for i in range(config.num_layers)
+        for i in progress
     )
     vocab, hidden = config.vocab_size, config.hidden_size
     return Params(
