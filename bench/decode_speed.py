@@ -37,8 +37,6 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # allow `python bench/decode_speed.py` as well as `-m`
     sys.path.insert(0, str(REPO))
 
-DATA_DIR = Path("/work/shared/data")
-NOVEL = "pride_and_prejudice.txt"
 RESULTS = REPO / "bench" / "results"
 DEFAULT_LENGTHS = (1024, 4096, 7680)
 
@@ -53,8 +51,10 @@ def log(*args: Any) -> None:
 
 def prompt_pool(tokenizer, needed: int) -> tuple[list[int], str]:
     """At least `needed` token ids of running novel text (or a synthetic text if absent)."""
-    path = DATA_DIR / NOVEL
-    if path.is_file():
+    from kvjax.eval.tasks import default_haystack_path
+
+    path = default_haystack_path()
+    if path is not None:
         text, source = path.read_text(encoding="utf-8"), str(path)
     else:
         sentence = (
