@@ -5,7 +5,7 @@ Front (uses `models`): `kvjax.generate`, `kvjax.eval`, the `kvjax` CLI.
 """
 
 from kvjax.cache import Cache, CacheSpec, init_cache, kv_bytes
-from kvjax.methods import Full, Method, StreamingLLM
+from kvjax.methods import ClusterKV, Full, Method, Quest, StreamingLLM
 
 __version__ = "0.1.0"
 
@@ -23,9 +23,11 @@ def __getattr__(name):
 __all__ = [
     "Cache",
     "CacheSpec",
+    "ClusterKV",
     "Full",
     "GenerationOutput",
     "Method",
+    "Quest",
     "StreamingLLM",
     "chat_prompt",
     "generate",

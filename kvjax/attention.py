@@ -7,12 +7,18 @@ Scores and the softmax are computed in float32 whatever the cache dtype; the sca
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 
 # Masked scores use a large finite negative instead of -inf so that a fully masked row stays
 # finite (padding rows) instead of producing NaN.
 MASKED = -1e30
+
+# A piece of one decode step's attention: (out [B, Hq, d] normalised over the piece,
+# lse [B, Hq] log-sum-exp of its scaled scores). Disjoint pieces merge exactly.
+Part = tuple[jax.Array, jax.Array]
 
 
 def decode_attention(
@@ -32,6 +38,19 @@ def decode_attention(
     reading a buffer before updating it in place lets XLA skip copying the whole cache
     (see `kvjax.compat.compiler_options`).
     """
+    parts = [attention_part(q, k, v, valid)]
+    if current is not None:
+        parts.append(current_token_part(q, *current))
+    return merge_parts(parts).astype(q.dtype)
+
+
+def attention_part(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> Part:
+    """Attention of each query over one set of tokens, as a mergeable `(out, lse)` part.
+
+    q: [B, Hq, d]; k, v: [B, Hkv, S, d]; valid: [B, S], [B, Hkv, S] or [B, Hq, S].
+    Returns out [B, Hq, d] (normalised over this part) and lse [B, Hq] float32; a part with
+    no valid token has lse ~ MASKED and drops out of `merge_parts`.
+    """
     b, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -45,18 +64,28 @@ def decode_attention(
     else:
         mask = valid.reshape(b, hkv, g, -1)
     s = jnp.where(mask, s, MASKED)
-    if current is None:
-        p = jax.nn.softmax(s, axis=-1)
-        out = jnp.einsum("bhgs,bhsd->bhgd", p, v.astype(jnp.float32))
-        return out.reshape(b, hq, d).astype(q.dtype)
-    k_cur, v_cur = (x.astype(jnp.float32) for x in current)
-    s_cur = jnp.einsum("bhgd,bhd->bhg", qg, k_cur) * scale
-    m = jnp.maximum(s.max(axis=-1), s_cur)
+    m = s.max(axis=-1)
     p = jnp.exp(s - m[..., None])
-    p_cur = jnp.exp(s_cur - m)
-    out = jnp.einsum("bhgs,bhsd->bhgd", p, v.astype(jnp.float32)) + p_cur[..., None] * v_cur[:, :, None]
-    out = out / (p.sum(axis=-1) + p_cur)[..., None]
-    return out.reshape(b, hq, d).astype(q.dtype)
+    total = p.sum(axis=-1)
+    out = jnp.einsum("bhgs,bhsd->bhgd", p, v.astype(jnp.float32)) / total[..., None]
+    return out.reshape(b, hq, d), (m + jnp.log(total)).reshape(b, hq)
+
+
+def current_token_part(q: jax.Array, k_cur: jax.Array, v_cur: jax.Array) -> Part:
+    """The query token attending to itself: k_cur, v_cur [B, Hkv, d]."""
+    b, hq, d = q.shape
+    hkv = k_cur.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
+    s = jnp.einsum("bhgd,bhd->bhg", qg, k_cur.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
+    out = jnp.broadcast_to(v_cur.astype(jnp.float32)[:, :, None], qg.shape)
+    return out.reshape(b, hq, d), s.reshape(b, hq)
+
+
+def merge_parts(parts: Sequence[Part]) -> jax.Array:
+    """Exact softmax attention over the union of disjoint parts (log-sum-exp weights)."""
+    lse = jnp.stack([p[1] for p in parts])  # [P, B, Hq]
+    weights = jax.nn.softmax(lse, axis=0)
+    return sum(w[..., None] * out for w, (out, _) in zip(weights, parts))
 
 
 def causal_attention(

@@ -26,6 +26,12 @@ class CacheSpec:
     num_kv_heads: int
     head_dim: int
     dtype: Any = jnp.float32
+    prompt_capacity: int | None = None  # padded prompt length (None: the whole capacity)
+
+    @property
+    def prompt_slots(self) -> int:
+        """Slots the prompt may fill; the rest of `capacity` is for decode steps."""
+        return self.capacity if self.prompt_capacity is None else self.prompt_capacity
 
     @property
     def group_size(self) -> int:

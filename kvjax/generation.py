@@ -221,6 +221,7 @@ def prefill(model: Model, prompts: Sequence[Sequence[int]], method: Method, extr
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         dtype=model.params.embed.dtype,
+        prompt_capacity=bucket,
     )
     cache = init_cache(method, spec)
     tokens = jnp.asarray(_pad_right(prompts, bucket, 0))

@@ -1,1 +1,48 @@
-"""Pallas kernels, each beside its pure-jnp reference."""
+"""Pallas kernels, each beside its pure-jnp reference.
+
+Each operation has a reference (`*_reference`, pure jnp, the semantics), a Pallas kernel
+(`*_pallas`, interpret mode on CPU) and a dispatcher without suffix taking
+`impl="xla" | "pallas"`.
+"""
+
+from pallas_kernels.kmeans import (
+    kmeans_assign,
+    kmeans_assign_pallas,
+    kmeans_assign_reference,
+    kmeans_update,
+    kmeans_update_pallas,
+    kmeans_update_reference,
+)
+from pallas_kernels.scores import (
+    centroid_scores,
+    centroid_scores_pallas,
+    centroid_scores_reference,
+    page_scores,
+    page_scores_pallas,
+    page_scores_reference,
+)
+from pallas_kernels.sparse_attention import (
+    MASKED,
+    sparse_decode_attention,
+    sparse_decode_attention_pallas,
+    sparse_decode_attention_reference,
+)
+
+__all__ = [
+    "MASKED",
+    "centroid_scores",
+    "centroid_scores_pallas",
+    "centroid_scores_reference",
+    "kmeans_assign",
+    "kmeans_assign_pallas",
+    "kmeans_assign_reference",
+    "kmeans_update",
+    "kmeans_update_pallas",
+    "kmeans_update_reference",
+    "page_scores",
+    "page_scores_pallas",
+    "page_scores_reference",
+    "sparse_decode_attention",
+    "sparse_decode_attention_pallas",
+    "sparse_decode_attention_reference",
+]

@@ -6,10 +6,17 @@ import dataclasses
 from typing import Any
 
 from kvjax.methods.base import Method
+from kvjax.methods.clusterkv import ClusterKV
 from kvjax.methods.full import Full
+from kvjax.methods.quest import Quest
 from kvjax.methods.streaming_llm import StreamingLLM
 
-METHODS: dict[str, type[Method]] = {"full": Full, "streaming_llm": StreamingLLM}
+METHODS: dict[str, type[Method]] = {
+    "full": Full,
+    "streaming_llm": StreamingLLM,
+    "quest": Quest,
+    "clusterkv": ClusterKV,
+}
 
 
 def make_method(name: str, **hyperparameters: Any) -> Method:
@@ -26,4 +33,4 @@ def make_method(name: str, **hyperparameters: Any) -> Method:
     return cls(**given)
 
 
-__all__ = ["METHODS", "Full", "Method", "StreamingLLM", "make_method"]
+__all__ = ["METHODS", "ClusterKV", "Full", "Method", "Quest", "StreamingLLM", "make_method"]

@@ -12,88 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax import CacheSpec, Full, StreamingLLM, init_cache
+from kvjax import Full, StreamingLLM, init_cache
 from kvjax.attention import causal_attention, decode_attention
 from kvjax.methods import make_method
-
-HQ, HKV, D = 4, 2, 8
-TOL = 2e-5
-
-
-def np_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """One query head vs. the kept keys: q [d], k/v [S, d], keep [S] bool -> [d]."""
-    s = (k[keep] @ q) / np.sqrt(q.shape[-1])
-    p = np.exp(s - s.max())
-    return (p / p.sum()) @ v[keep]
-
-
-def _spec(batch: int, capacity: int) -> CacheSpec:
-    return CacheSpec(batch=batch, capacity=capacity, num_layers=1, num_heads=HQ, num_kv_heads=HKV, head_dim=D)
-
-
-def _random_stream(rng, batch: int, total: int):
-    """q [B, T, Hq, d], k/v [B, T, Hkv, d] for `total` positions per sequence."""
-    q = rng.standard_normal((batch, total, HQ, D)).astype(np.float32)
-    k = rng.standard_normal((batch, total, HKV, D)).astype(np.float32)
-    v = rng.standard_normal((batch, total, HKV, D)).astype(np.float32)
-    return q, k, v
-
+from tests.kvjax.method_harness import (
+    HKV, HQ, TOL, D, check_prefill, check_steps, np_attention, random_stream, run_method, spec,
+)
 
 def _kept_by_streaming(method: StreamingLLM, current: int) -> np.ndarray:
     """Positions 0..current that StreamingLLM attends at `current`: sinks + the last window."""
     pos = np.arange(current + 1)
     return (pos < method.sink) | (pos > current - method.window)
-
-
-def _run(method, prompt_lengths, decode_steps, seed=0, bucket=None):
-    """Prefill right-padded prompts, then decode `decode_steps` tokens per sequence.
-
-    Returns (prefill output, [(step output, positions)...], q, k, v) as numpy arrays, where
-    q/k/v hold the real token at every position.
-    """
-    rng = np.random.default_rng(seed)
-    batch = len(prompt_lengths)
-    lengths = np.array(prompt_lengths)
-    bucket = bucket or int(lengths.max())
-    total = bucket + decode_steps
-    q, k, v = _random_stream(rng, batch, total)
-    cache = init_cache(method, _spec(batch, total)).layers[0]
-    prefill = jax.jit(lambda c, q, k, v, n: method.prefill(0, c, q, k, v, n))
-    attend = jax.jit(lambda c, q, k, v, n: method.attend(0, c, q, k, v, n))
-    # Prompt slots past each length are padding: fill them with other values than the tokens
-    # decoded there later, so a method that caches or attends padding fails the comparison.
-    pad = np.arange(bucket)[None, :, None, None] >= lengths[:, None, None, None]
-    noise = [rng.standard_normal(x[:, :bucket].shape).astype(np.float32) for x in (q, k, v)]
-    prompt = [np.where(pad, n, x[:, :bucket]) for n, x in zip(noise, (q, k, v))]
-    out, cache = prefill(cache, *prompt, jnp.asarray(lengths))
-    steps = []
-    cur = lengths.copy()
-    for _ in range(decode_steps):
-        rows = np.arange(batch)
-        step_out, cache = attend(cache, q[rows, cur], k[rows, cur], v[rows, cur], jnp.asarray(cur))
-        steps.append((np.asarray(step_out), cur.copy()))
-        cur = cur + 1
-    return np.asarray(out), steps, q, k, v
-
-
-def _check_prefill(out, q, k, v, lengths):
-    for b, n in enumerate(lengths):
-        for t in range(n):
-            for h in range(HQ):
-                keep = np.arange(q.shape[1]) <= t
-                ref = np_attention(q[b, t, h], k[b, :, h // (HQ // HKV)], v[b, :, h // (HQ // HKV)], keep)
-                np.testing.assert_allclose(out[b, t, h], ref, atol=TOL, rtol=0)
-
-
-def _check_steps(steps, q, k, v, keep_fn):
-    for out, cur in steps:
-        for b, c in enumerate(cur):
-            keep = np.zeros(q.shape[1], bool)
-            keep[: c + 1] = keep_fn(c)
-            for h in range(HQ):
-                g = h // (HQ // HKV)
-                np.testing.assert_allclose(out[b, h], np_attention(q[b, c, h], k[b, :, g], v[b, :, g], keep),
-                                           atol=TOL, rtol=0)
 
 
 # --- attention primitives -------------------------------------------------------------------
@@ -130,7 +59,7 @@ def test_decode_attention_fully_masked_row_is_finite():
 def test_causal_attention_matches_reference(t):
     """Short prompts take the one-block path, long ones the blocked online-softmax path."""
     rng = np.random.default_rng(t)
-    q, k, v = _random_stream(rng, 2, t)
+    q, k, v = random_stream(rng, 2, t)
     lengths = np.array([t, t // 2 + 3])
     out = np.asarray(causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths)))
     g = HQ // HKV
@@ -148,9 +77,9 @@ def test_causal_attention_matches_reference(t):
 
 def test_full_prefill_and_decode_match_dense_reference():
     lengths = [13, 20, 7]
-    out, steps, q, k, v = _run(Full(), lengths, decode_steps=6, seed=2)
-    _check_prefill(out, q, k, v, lengths)
-    _check_steps(steps, q, k, v, lambda c: np.ones(c + 1, bool))
+    out, steps, q, k, v = run_method(Full(), lengths, decode_steps=6, seed=2)
+    check_prefill(out, q, k, v, lengths)
+    check_steps(steps, q, k, v, lambda c: np.ones(c + 1, bool))
 
 
 @pytest.mark.parametrize(
@@ -163,14 +92,14 @@ def test_full_prefill_and_decode_match_dense_reference():
 )
 def test_streaming_llm_keeps_sinks_and_recent_window(budget, sink, lengths):
     method = StreamingLLM(budget=budget, sink=sink)
-    out, steps, q, k, v = _run(method, lengths, decode_steps=2 * budget, seed=budget + sink)
-    _check_prefill(out, q, k, v, lengths)  # the prompt itself is attended densely
-    _check_steps(steps, q, k, v, lambda c: _kept_by_streaming(method, c))
+    out, steps, q, k, v = run_method(method, lengths, decode_steps=2 * budget, seed=budget + sink)
+    check_prefill(out, q, k, v, lengths)  # the prompt itself is attended densely
+    check_steps(steps, q, k, v, lambda c: _kept_by_streaming(method, c))
 
 
 def test_streaming_llm_device_memory_is_the_budget():
     method = StreamingLLM(budget=64, sink=4)
-    layer = init_cache(method, _spec(2, 10_000)).layers[0]
+    layer = init_cache(method, spec(2, 10_000)).layers[0]
     assert layer.k.shape == (2, HKV, 64, D)
 
 
@@ -178,8 +107,8 @@ def test_streaming_llm_covering_budget_equals_full():
     lengths = [25, 18]
     steps = 10
     budget = max(lengths) + steps
-    _, full_steps, *_ = _run(Full(), lengths, steps, seed=5)
-    _, stream_steps, *_ = _run(StreamingLLM(budget=budget, sink=4), lengths, steps, seed=5)
+    _, full_steps, *_ = run_method(Full(), lengths, steps, seed=5)
+    _, stream_steps, *_ = run_method(StreamingLLM(budget=budget, sink=4), lengths, steps, seed=5)
     for (a, _), (b, _) in zip(full_steps, stream_steps):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
@@ -195,7 +124,7 @@ def test_streaming_llm_covering_budget_equals_full():
 )
 def test_streaming_llm_rejects_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        init_cache(StreamingLLM(**kwargs), _spec(1, 128))
+        init_cache(StreamingLLM(**kwargs), spec(1, 128))
 
 
 def test_make_method_builds_and_rejects():

@@ -1,0 +1,228 @@
+"""`ClusterKV`: recall whole semantic clusters of keys (ALGORITHMS.md section 3).
+
+Per sparse layer and KV head the prompt's keys after the `sink` first tokens are clustered
+with cosine K-means (`ceil(n / tokens_per_cluster)` clusters). The index keeps the token
+positions sorted by (cluster, position) with each cluster's size, so a cluster is a
+contiguous run of the sorted positions. At a decode step each query head scores the
+centroids by raw dot product, ranks them with an exact sort and fills `budget - sink` slots
+with whole clusters in rank order (the last one truncated to its lowest positions). Tokens
+generated after the prompt form a window that is always attended; every `window` tokens it is
+clustered into `window_clusters` clusters appended to the index.
+
+Attended set per query head: sinks + selected tokens + window + the current token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+import pallas_kernels as pk
+from kvjax.attention import attention_part, causal_attention, current_token_part, merge_parts
+from kvjax.cache import CacheSpec
+from kvjax.clustering import INITS, cluster_keys
+from kvjax.methods.base import check_int, empty_kv, to_head_major, write_token
+from kvjax.methods.sparse import SparseMethod
+
+SELECTIONS = ("query_head", "kv_head")
+
+
+@struct.dataclass
+class ClusterLayerCache:
+    k: jax.Array  # [B, Hkv, S, d], slot == position
+    v: jax.Array
+    centroids: jax.Array  # [B, Hkv, C, d] float32: prompt clusters, then window clusters
+    sizes: jax.Array  # [B, Hkv, C] int32 (0: empty or unused)
+    order: jax.Array  # [B, Hkv, S - sink] int32 positions sorted by (cluster, position)
+    window_start: jax.Array  # [B] int32 first position of the unclustered window
+    windows: jax.Array  # [B] int32 windows clustered so far
+    first_window_cluster: int = struct.field(pytree_node=False)  # ids before: prompt clusters
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterKV(SparseMethod):
+    """ClusterKV with `budget` attended tokens per query head (sinks included)."""
+
+    budget: int = 1024
+    sink: int = 16
+    tokens_per_cluster: int = 80
+    kmeans_iters: int = 20
+    window: int = 320
+    window_clusters: int = 4
+    selection: str = "query_head"
+    init: str = "even"
+    seed: int = 0
+    dense_layers: int = 2
+    impl: str = "xla"
+
+    name = "clusterkv"
+
+    def validate(self, spec: CacheSpec) -> None:
+        super().validate(spec)
+        check_int("sink", self.sink, 0)
+        check_int("budget", self.budget, self.sink + 1)
+        check_int("tokens_per_cluster", self.tokens_per_cluster, 1)
+        check_int("kmeans_iters", self.kmeans_iters, 0)
+        check_int("window_clusters", self.window_clusters, 1)
+        check_int("window", self.window, self.window_clusters)
+        check_int("seed", self.seed, 0)
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if spec.capacity <= self.sink:
+            raise ValueError(f"sink={self.sink} must be smaller than the cache capacity {spec.capacity}")
+
+    # -- static sizes ------------------------------------------------------------------------
+
+    def prompt_clusters(self, prompt_slots: int) -> int:
+        return math.ceil(max(prompt_slots - self.sink, 0) / self.tokens_per_cluster)
+
+    def max_windows(self, spec: CacheSpec) -> int:
+        decode_slots = spec.capacity - (spec.prompt_capacity or 0)
+        return decode_slots // self.window  # a window fills once per `window` decode steps
+
+    # -- cache -------------------------------------------------------------------------------
+
+    def sparse_init_cache(self, layer: int, spec: CacheSpec) -> ClusterLayerCache:
+        k, v = empty_kv(spec, spec.capacity)
+        prompt_clusters = self.prompt_clusters(spec.prompt_slots)
+        clusters = max(1, prompt_clusters + self.window_clusters * self.max_windows(spec))
+        b, h = spec.batch, spec.num_kv_heads
+        return ClusterLayerCache(
+            k=k,
+            v=v,
+            centroids=jnp.zeros((b, h, clusters, spec.head_dim), jnp.float32),
+            sizes=jnp.zeros((b, h, clusters), jnp.int32),
+            order=jnp.zeros((b, h, spec.capacity - self.sink), jnp.int32),
+            window_start=jnp.zeros((b,), jnp.int32),
+            windows=jnp.zeros((b,), jnp.int32),
+            first_window_cluster=prompt_clusters,
+        )
+
+    def _cluster(self, keys, count, num_clusters, max_clusters, layer, salt):
+        """K-means over head-major keys [B, Hkv, n, d]; count, num_clusters [B].
+        Returns centroids [B, Hkv, C, d], sizes [B, Hkv, C], order [B, Hkv, n] (local)."""
+        b, h, n, d = keys.shape
+        rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), layer), salt)
+        per_head = lambda x: jnp.repeat(x, h)
+        centroids, sizes, labels = cluster_keys(
+            keys.reshape(b * h, n, d), per_head(count), per_head(num_clusters), max_clusters,
+            iters=self.kmeans_iters, init=self.init, key=rng, impl=self.impl,
+        )
+        order = jnp.argsort(labels, axis=-1, stable=True).astype(jnp.int32)
+        unflat = lambda x: x.reshape(b, h, *x.shape[1:])
+        return unflat(centroids), unflat(sizes), unflat(order)
+
+    def sparse_prefill(self, layer, cache: ClusterLayerCache, q, k, v, lengths):
+        t, slots = q.shape[1], cache.k.shape[2]
+        if t > slots:
+            raise ValueError(f"prompt of {t} tokens exceeds the cache capacity {slots}")
+        out = causal_attention(q, k, v, lengths)
+        kh = to_head_major(k, cache.k.dtype)
+        new_k = cache.k.at[:, :, :t].set(kh)
+        new_v = cache.v.at[:, :, :t].set(to_head_major(v, cache.v.dtype))
+        window_start = jnp.maximum(lengths, self.sink).astype(jnp.int32)
+        cache = cache.replace(k=new_k, v=new_v, window_start=window_start)
+        n = t - self.sink
+        if n <= 0:
+            return out, cache
+        count = jnp.clip(lengths - self.sink, 0, n)
+        max_clusters = self.prompt_clusters(t)
+        if max_clusters > cache.first_window_cluster:
+            raise ValueError(f"prompt of {t} tokens exceeds the cache's prompt_capacity")
+        num_clusters = -(-count // self.tokens_per_cluster)
+        centroids, sizes, order = self._cluster(kh[:, :, self.sink:], count, num_clusters,
+                                                max_clusters, layer, salt=0)
+        return out, cache.replace(
+            centroids=cache.centroids.at[:, :, :max_clusters].set(centroids),
+            sizes=cache.sizes.at[:, :, :max_clusters].set(sizes),
+            order=cache.order.at[:, :, :n].set(order + self.sink),
+        )
+
+    # -- decode ------------------------------------------------------------------------------
+
+    def _cluster_window(self, layer, cache: ClusterLayerCache, full):
+        """Cluster the full windows (rows where `full`) and append them to the index."""
+        w, c_new = self.window, self.window_clusters
+        start = cache.window_start
+        take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, w, axis=1))
+        keys = take(cache.k, start)
+        b = keys.shape[0]
+        count = jnp.full((b,), w, jnp.int32)
+        centroids, sizes, order = self._cluster(
+            keys, count, jnp.full((b,), c_new, jnp.int32), c_new, layer, salt=1 + cache.windows[0]
+        )
+        ids = cache.first_window_cluster + c_new * cache.windows  # [B]
+        offset = cache.sizes.sum(axis=-1)  # [B, Hkv]: tokens indexed so far
+        put = jax.vmap(lambda x, y, i: jax.lax.dynamic_update_slice_in_dim(x, y, i, axis=1))
+        put_row = jax.vmap(jax.vmap(lambda x, y, i: jax.lax.dynamic_update_slice_in_dim(x, y, i, 0)))
+        keep = lambda new, old: jnp.where(full.reshape((b,) + (1,) * (old.ndim - 1)), new, old)
+        return cache.replace(
+            centroids=keep(put(cache.centroids, centroids, ids), cache.centroids),
+            sizes=keep(put(cache.sizes, sizes, ids), cache.sizes),
+            order=keep(put_row(cache.order, order + start[:, None, None], offset), cache.order),
+            window_start=jnp.where(full, start + w, start),
+            windows=cache.windows + full,
+        )
+
+    def cluster_full_windows(self, layer: int, cache: ClusterLayerCache, lengths) -> ClusterLayerCache:
+        """Cluster the window of rows whose window holds `window` tokens (before a step)."""
+        if cache.order.shape[2] < self.window or cache.sizes.shape[2] <= cache.first_window_cluster:
+            return cache  # no room for window clusters: the window is the whole decode
+        room = cache.first_window_cluster + self.window_clusters * (cache.windows + 1)
+        full = (lengths - cache.window_start >= self.window) & (room <= cache.sizes.shape[2])
+        return jax.lax.cond(
+            jnp.any(full), lambda c: self._cluster_window(layer, c, full), lambda c: c, cache
+        )
+
+    def select(self, q, cache: ClusterLayerCache):
+        """Positions [B, Hq, budget - sink] of the selected tokens and their validity."""
+        b, hq, _ = q.shape
+        hkv = cache.k.shape[1]
+        g = hq // hkv
+        scores = pk.centroid_scores(q, cache.centroids, cache.sizes > 0, impl=self.impl)
+        if self.selection == "kv_head":
+            scores = jnp.repeat(scores.reshape(b, hkv, g, -1).mean(axis=2), g, axis=1)
+        sizes = jnp.repeat(cache.sizes, g, axis=1)  # [B, Hq, C]
+        starts = jnp.cumsum(sizes, axis=-1) - sizes
+        ranked = jnp.argsort(-scores, axis=-1, stable=True)
+        ranked_sizes = jnp.take_along_axis(sizes, ranked, axis=-1)
+        ranked_starts = jnp.take_along_axis(starts, ranked, axis=-1)
+        ends = jnp.cumsum(ranked_sizes, axis=-1)
+        slots = jnp.arange(self.budget - self.sink, dtype=jnp.int32)
+        search = jax.vmap(lambda e: jnp.searchsorted(e, slots, side="right"))
+        rank = jnp.minimum(search(ends.reshape(b * hq, -1)).reshape(b, hq, -1), ends.shape[-1] - 1)
+        before = jnp.take_along_axis(ends - ranked_sizes, rank, axis=-1)
+        sorted_slot = jnp.take_along_axis(ranked_starts, rank, axis=-1) + slots - before
+        valid = slots[None, None, :] < ends[..., -1:]
+        order = jnp.repeat(cache.order, g, axis=1)
+        sorted_slot = jnp.clip(sorted_slot, 0, order.shape[-1] - 1)
+        return jnp.take_along_axis(order, sorted_slot, axis=-1), valid
+
+    def sparse_attend(self, layer, cache: ClusterLayerCache, q, k, v, lengths):
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        slots = cache.k.shape[2]
+        w = min(self.window, slots)
+        cache = self.cluster_full_windows(layer, cache, lengths)
+        positions, selected = self.select(q, cache)
+        parts = [
+            pk.sparse_decode_attention(q, cache.k, cache.v, positions, selected, impl=self.impl),
+            current_token_part(q, k, v),
+        ]
+        if self.sink:
+            sink_valid = jnp.arange(self.sink)[None, :] < lengths[:, None]
+            parts.append(attention_part(q, cache.k[:, :, : self.sink], cache.v[:, :, : self.sink], sink_valid))
+        start = jnp.clip(cache.window_start, 0, slots - w)
+        take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, w, axis=1))
+        pos = start[:, None] + jnp.arange(w)
+        window_valid = (pos >= cache.window_start[:, None]) & (pos < lengths[:, None])
+        parts.append(attention_part(q, take(cache.k, start), take(cache.v, start), window_valid))
+        out = merge_parts(parts)
+        return out.astype(q.dtype), cache.replace(
+            k=write_token(cache.k, lengths, k), v=write_token(cache.v, lengths, v)
+        )

@@ -1,0 +1,103 @@
+"""`Quest`: query-aware page selection from min/max key digests (ALGORITHMS.md section 2).
+
+All KV stays on the device. Each query head scores every full page with the upper bound
+`sum_d max(q*min, q*max)`, attends its top `budget/page_size - 1` pages, and always attends
+the last (partial) page, which holds the most recent tokens and the current one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+import pallas_kernels as pk
+from kvjax.attention import attention_part, causal_attention, current_token_part, merge_parts
+from kvjax.cache import CacheSpec
+from kvjax.methods.base import check_int, empty_kv, to_head_major, write_token
+from kvjax.methods.sparse import SparseMethod
+from kvjax.pages import add_token, full_pages, prompt_digests
+
+
+@struct.dataclass
+class PagedLayerCache:
+    k: jax.Array  # [B, Hkv, S, d], slot == position, S a multiple of page_size
+    v: jax.Array
+    page_min: jax.Array  # [B, Hkv, S / page_size, d] float32
+    page_max: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Quest(SparseMethod):
+    """Quest with `budget` tokens per query head: `budget/page_size - 1` pages + the last one."""
+
+    budget: int = 1024
+    page_size: int = 16
+    dense_layers: int = 2
+    impl: str = "xla"
+
+    name = "quest"
+
+    def validate(self, spec: CacheSpec) -> None:
+        super().validate(spec)
+        check_int("page_size", self.page_size, 1)
+        check_int("budget", self.budget, 2 * self.page_size)
+
+    @property
+    def top_pages(self) -> int:
+        return self.budget // self.page_size - 1
+
+    def slots(self, spec: CacheSpec) -> int:
+        return self.page_size * math.ceil(spec.capacity / self.page_size)
+
+    def sparse_init_cache(self, layer: int, spec: CacheSpec) -> PagedLayerCache:
+        k, v = empty_kv(spec, self.slots(spec))
+        pages = k.shape[2] // self.page_size
+        shape = (spec.batch, spec.num_kv_heads, pages, spec.head_dim)
+        return PagedLayerCache(k, v, jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+
+    def sparse_prefill(self, layer, cache: PagedLayerCache, q, k, v, lengths):
+        t, slots = q.shape[1], cache.k.shape[2]
+        if t > slots:
+            raise ValueError(f"prompt of {t} tokens exceeds the cache capacity {slots}")
+        out = causal_attention(q, k, v, lengths)
+        new_k = cache.k.at[:, :, :t].set(to_head_major(k, cache.k.dtype))
+        new_v = cache.v.at[:, :, :t].set(to_head_major(v, cache.v.dtype))
+        t_pages = self.page_size * math.ceil(t / self.page_size)
+        lo, hi = prompt_digests(new_k[:, :, :t_pages], lengths, self.page_size)
+        return out, PagedLayerCache(
+            new_k, new_v, cache.page_min.at[:, :, : lo.shape[2]].set(lo),
+            cache.page_max.at[:, :, : hi.shape[2]].set(hi),
+        )
+
+    def select_pages(self, q, cache: PagedLayerCache, lengths):
+        """Top pages per query head among the full ones: (indices, valid) [B, Hq, top]."""
+        num_pages = cache.page_min.shape[2]
+        valid = full_pages(lengths, num_pages, self.page_size)[:, None, :]
+        valid = jnp.broadcast_to(valid, cache.page_min.shape[:3])
+        scores = pk.page_scores(q, cache.page_min, cache.page_max, valid, impl=self.impl)
+        top = min(self.top_pages, num_pages)
+        best, pages = jax.lax.top_k(scores, top)
+        return pages, best > -jnp.inf
+
+    def sparse_attend(self, layer, cache: PagedLayerCache, q, k, v, lengths):
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        pages, selected = self.select_pages(q, cache, lengths)
+        chosen = pk.sparse_decode_attention(
+            q, cache.k, cache.v, pages, selected, block_size=self.page_size, impl=self.impl
+        )
+        # The partial page: tokens of the current page before the current token.
+        start = (lengths // self.page_size) * self.page_size
+        take = lambda x: jax.vmap(
+            lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, self.page_size, axis=1)
+        )(x, start)
+        partial_valid = start[:, None] + jnp.arange(self.page_size) < lengths[:, None]
+        partial = attention_part(q, take(cache.k), take(cache.v), partial_valid)
+        out = merge_parts([chosen, partial, current_token_part(q, k, v)])
+        lo, hi = add_token(cache.page_min, cache.page_max, k, lengths, self.page_size)
+        return out.astype(q.dtype), PagedLayerCache(
+            write_token(cache.k, lengths, k), write_token(cache.v, lengths, v), lo, hi
+        )

@@ -1,0 +1,304 @@
+"""Cosine K-means steps for ClusterKV: assign keys to clusters, recompute the centroids.
+
+Shapes: `G` independent problems (batch x KV heads, flattened), `n` keys of dim `d`, `C`
+clusters. Invalid keys (padding, sinks, NaN/Inf) take the label `C` ("no cluster"): they
+never move a centroid and are never selected.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.numpy as jnp
+
+from pallas_kernels._util import check_impl, next_power_of_2
+from pallas_kernels.compat import SQUEEZED, compiler_params, resolve_interpret
+
+NORM_EPS = 1e-12
+
+
+def normalize(x: jax.Array) -> jax.Array:
+    """Unit vectors along the last axis in float32 (zero vectors stay zero)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), NORM_EPS))
+
+
+def kmeans_assign_reference(
+    keys: jax.Array, centroids: jax.Array, token_valid: jax.Array, cluster_valid: jax.Array
+) -> jax.Array:
+    """Label of each key: the valid cluster of highest cosine similarity (first on ties).
+
+    Keys with a NaN/Inf entry count as invalid; clusters with a non-finite centroid as
+    invalid clusters.
+
+    keys [G, n, d], centroids [G, C, d], token_valid [G, n] bool, cluster_valid [G, C] bool
+    -> labels [G, n] int32 in [0, C] (C for invalid keys or when no cluster is valid).
+    """
+    num_clusters = centroids.shape[1]
+    # Non-finite keys are invalid, and a cluster whose centroid is non-finite cannot win:
+    # jnp.argmax picks NaN as the maximum, so a NaN key would otherwise join cluster 0 and
+    # a NaN centroid would attract every key.
+    usable_cluster = cluster_valid & jnp.all(jnp.isfinite(centroids), axis=-1)
+    sim = jnp.einsum("gnd,gcd->gnc", normalize(keys), normalize(centroids))
+    sim = jnp.where(usable_cluster[:, None, :], sim, -jnp.inf)
+    labels = jnp.argmax(sim, axis=-1).astype(jnp.int32)
+    usable = (
+        token_valid
+        & jnp.all(jnp.isfinite(keys), axis=-1)
+        & jnp.any(usable_cluster, axis=-1, keepdims=True)
+    )
+    return jnp.where(usable, labels, num_clusters)
+
+
+def kmeans_update_reference(
+    keys: jax.Array, labels: jax.Array, centroids: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """New centroids (mean of the raw keys of each cluster) and cluster sizes.
+
+    keys [G, n, d], labels [G, n] in [0, C] (C = no cluster), centroids [G, C, d] (kept for
+    empty clusters) -> (centroids [G, C, d] float32, sizes [G, C] int32).
+    """
+    num_clusters = centroids.shape[1]
+    # Labelled-out keys may be NaN/Inf: zero them so they cannot reach any sum.
+    clean = jnp.where((labels < num_clusters)[..., None], keys.astype(jnp.float32), 0.0)
+    segment = jax.vmap(
+        lambda x, s: jax.ops.segment_sum(x, s, num_segments=num_clusters + 1)[:num_clusters]
+    )
+    sums = segment(clean, labels)
+    sizes = segment(jnp.ones(labels.shape, jnp.int32), labels)
+    means = sums / jnp.maximum(sizes, 1)[..., None].astype(jnp.float32)
+    return jnp.where((sizes > 0)[..., None], means, centroids.astype(jnp.float32)), sizes
+
+
+# ----------------------------------------------------------------------------------------
+# Pallas kernels
+# ----------------------------------------------------------------------------------------
+
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+_HIGHEST = jax.lax.Precision.HIGHEST
+_MIN_DOT = 16  # Triton's dot needs every matmul dimension >= 16: blocks are at least this
+
+
+def _finite_rows(x: jax.Array) -> jax.Array:
+    """[r, d] -> [r] bool: every entry finite. Comparisons only (NaN compares false), which
+    lower on every backend."""
+    bad = jnp.where(jnp.abs(x) <= _F32_MAX, 0, 1)
+    return jnp.sum(bad, axis=1) == 0
+
+
+def _normalize_rows(x: jax.Array) -> jax.Array:
+    # Same operations as `normalize`, so the kernel's unit vectors match the reference's.
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=1, keepdims=True), NORM_EPS))
+
+
+def _assign_kernel(keys_ref, cent_ref, tok_ref, clu_ref, out_ref, *, num_clusters: int):
+    x = keys_ref[...].astype(jnp.float32)  # [bn, d]
+    c = cent_ref[...].astype(jnp.float32)  # [Cp, d] (all clusters, padded to Cp)
+    cluster_ok = (clu_ref[...] != 0) & _finite_rows(c)  # [Cp]
+    sim = jax.lax.dot_general(
+        _normalize_rows(x),
+        _normalize_rows(c),
+        (((1,), (1,)), ((), ())),
+        precision=_HIGHEST,
+        preferred_element_type=jnp.float32,
+    )  # [bn, Cp]
+    sim = jnp.where(cluster_ok[None, :], sim, -jnp.inf)
+    best = jnp.max(sim, axis=1, keepdims=True)
+    ids = jax.lax.broadcasted_iota(jnp.int32, sim.shape, 1)
+    # First maximum (jnp.argmax's tie rule); sims are finite or -inf here, never NaN.
+    label = jnp.min(jnp.where(sim == best, ids, sim.shape[1]), axis=1)
+    any_cluster = jnp.max(cluster_ok.astype(jnp.int32)) > 0
+    usable = (tok_ref[...] != 0) & _finite_rows(x) & any_cluster
+    out_ref[...] = jnp.where(usable, label, num_clusters).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_keys"))
+def _kmeans_assign_pallas(keys, centroids, token_valid, cluster_valid, *, interpret, block_keys):
+    g, n, d = keys.shape
+    num_clusters = centroids.shape[1]
+    cp = max(_MIN_DOT, next_power_of_2(num_clusters))
+    if cp != num_clusters:  # pad clusters (small) to a power of two; padding is invalid
+        centroids = jnp.pad(centroids, ((0, 0), (0, cp - num_clusters), (0, 0)))
+        cluster_valid = jnp.pad(cluster_valid, ((0, 0), (0, cp - num_clusters)))
+    bn = max(_MIN_DOT, min(next_power_of_2(block_keys), next_power_of_2(n)))
+    kernel = functools.partial(_assign_kernel, num_clusters=num_clusters)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((g, n), jnp.int32),
+        grid=(g, pl.cdiv(n, bn)),
+        in_specs=[
+            pl.BlockSpec((SQUEEZED, bn, d), lambda i, j: (i, j, 0)),
+            pl.BlockSpec((SQUEEZED, cp, d), lambda i, j: (i, 0, 0)),
+            pl.BlockSpec((SQUEEZED, bn), lambda i, j: (i, j)),
+            pl.BlockSpec((SQUEEZED, cp), lambda i, j: (i, 0)),
+        ],
+        out_specs=pl.BlockSpec((SQUEEZED, bn), lambda i, j: (i, j)),
+        compiler_params=compiler_params(("parallel", "parallel"), interpret),
+        interpret=interpret,
+        name="kmeans_assign",
+    )(keys, centroids, token_valid.astype(jnp.int32), cluster_valid.astype(jnp.int32))
+
+
+def kmeans_assign_pallas(
+    keys: jax.Array,
+    centroids: jax.Array,
+    token_valid: jax.Array,
+    cluster_valid: jax.Array,
+    *,
+    interpret: bool | None = None,
+    block_keys: int = 256,
+) -> jax.Array:
+    """Pallas version of `kmeans_assign_reference` (same arguments and result).
+
+    Grid (G, key blocks of `block_keys`): each step normalises its keys and all C centroids
+    of its problem (padded to a power of two >= 16, padding invalid), takes the [block, C] cosine
+    similarities with one matmul (HIGHEST precision, so no TF32 on GPU), and a first-max
+    argmax written with max/iota/min. Invalid tokens, non-finite keys and problems without a
+    usable cluster get label C. A partial last key block is safe: rows are independent and
+    out-of-range rows are never written.
+
+    Verified: CPU interpret mode only (jax 0.10); never compiled for a GPU or TPU. Written
+    for the Triton lowering on GPU (selected through `compat.compiler_params`; static
+    power-of-two blocks >= 16 for its dot, no argmax primitive, comparisons instead of
+    isfinite) and Mosaic TPU (whole-C centroid block in VMEM).
+    """
+    return _kmeans_assign_pallas(
+        keys,
+        centroids,
+        token_valid,
+        cluster_valid,
+        interpret=resolve_interpret(interpret),
+        block_keys=block_keys,
+    )
+
+
+def _update_kernel(
+    keys_ref, lab_row_ref, lab_col_ref, cent_ref, cent_out, size_out, *, num_clusters, bn, bc
+):
+    n_blocks = keys_ref.shape[0] // bn
+    first = pl.program_id(1) * bc
+    ids = first + jax.lax.broadcasted_iota(jnp.int32, (bc, bn), 0)  # cluster of each row
+
+    def body(i, carry):
+        sums, counts = carry
+        start = pl.multiple_of(i * bn, bn)
+        x = keys_ref[pl.ds(start, bn), :].astype(jnp.float32)  # [bn, d]
+        lab_row = lab_row_ref[:, pl.ds(start, bn)]  # [1, bn]
+        lab_col = lab_col_ref[pl.ds(start, bn), :]  # [bn, 1]
+        # Labelled-out keys may be NaN/Inf and 0 * NaN = NaN: zero them before the matmul.
+        x = jnp.where((lab_col >= 0) & (lab_col < num_clusters), x, 0.0)
+        onehot = lab_row == ids  # [bc, bn]
+        sums = sums + jax.lax.dot_general(
+            onehot.astype(jnp.float32),
+            x,
+            (((1,), (0,)), ((), ())),
+            precision=_HIGHEST,
+            preferred_element_type=jnp.float32,
+        )
+        counts = counts + jnp.sum(onehot.astype(jnp.int32), axis=1)
+        return sums, counts
+
+    d = keys_ref.shape[1]
+    init = (jnp.zeros((bc, d), jnp.float32), jnp.zeros((bc,), jnp.int32))
+    sums, counts = jax.lax.fori_loop(0, n_blocks, body, init)
+    means = sums / jnp.maximum(counts, 1)[:, None].astype(jnp.float32)
+    old = cent_ref[...].astype(jnp.float32)
+    cent_out[...] = jnp.where((counts > 0)[:, None], means, old)
+    size_out[...] = counts
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_keys", "block_clusters"))
+def _kmeans_update_pallas(keys, labels, centroids, *, interpret, block_keys, block_clusters):
+    g, n, d = keys.shape
+    num_clusters = centroids.shape[1]
+    bn = max(_MIN_DOT, min(next_power_of_2(block_keys), next_power_of_2(n)))
+    bc = max(_MIN_DOT, min(next_power_of_2(block_clusters), next_power_of_2(num_clusters)))
+    n_pad = pl.cdiv(n, bn) * bn
+    labels = labels.astype(jnp.int32)
+    if n_pad != n:  # padded keys are zeros labelled "no cluster"
+        keys = jnp.pad(keys, ((0, 0), (0, n_pad - n), (0, 0)))
+        labels = jnp.pad(labels, ((0, 0), (0, n_pad - n)), constant_values=num_clusters)
+    kernel = functools.partial(_update_kernel, num_clusters=num_clusters, bn=bn, bc=bc)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((g, num_clusters, d), jnp.float32),
+            jax.ShapeDtypeStruct((g, num_clusters), jnp.int32),
+        ),
+        grid=(g, pl.cdiv(num_clusters, bc)),
+        in_specs=[
+            pl.BlockSpec((SQUEEZED, n_pad, d), lambda i, j: (i, 0, 0)),
+            pl.BlockSpec((SQUEEZED, 1, n_pad), lambda i, j: (i, 0, 0)),
+            pl.BlockSpec((SQUEEZED, n_pad, 1), lambda i, j: (i, 0, 0)),
+            pl.BlockSpec((SQUEEZED, bc, d), lambda i, j: (i, j, 0)),
+        ],
+        out_specs=(
+            pl.BlockSpec((SQUEEZED, bc, d), lambda i, j: (i, j, 0)),
+            pl.BlockSpec((SQUEEZED, bc), lambda i, j: (i, j)),
+        ),
+        compiler_params=compiler_params(("parallel", "parallel"), interpret),
+        interpret=interpret,
+        name="kmeans_update",
+    )(keys, labels[:, None, :], labels[:, :, None], centroids)
+
+
+def kmeans_update_pallas(
+    keys: jax.Array,
+    labels: jax.Array,
+    centroids: jax.Array,
+    *,
+    interpret: bool | None = None,
+    block_keys: int = 256,
+    block_clusters: int = 128,
+) -> tuple[jax.Array, jax.Array]:
+    """Pallas version of `kmeans_update_reference` (same arguments and result).
+
+    Grid (G, cluster blocks of `block_clusters`): each step loops over key blocks of
+    `block_keys` (keys padded to a whole number of blocks with label C), zeroes keys whose
+    label is not a cluster (NaN/Inf included), and accumulates per-cluster sums with a
+    one-hot [clusters, keys] x [keys, d] matmul (HIGHEST precision) and sizes with a row sum
+    of the one-hot. Empty clusters keep their centroid. Labels are passed twice (as a row and
+    as a column) so no in-kernel transpose is needed.
+
+    Verified: CPU interpret mode only (jax 0.10); never compiled for a GPU or TPU. Written
+    for the Triton lowering (the [n, d] key slab is a pointer there, power-of-two blocks
+    >= 16 are sliced out with `pl.ds` in a `fori_loop`). On TPU the whole slab would be
+    copied to VMEM, which bounds n * d (a production TPU version would stream key blocks
+    with `emit_pipeline`). The one-hot matmul does C * n * d multiply-adds per problem
+    (the reference's scatter-add does n * d): dense, atomic-free work instead.
+    """
+    return _kmeans_update_pallas(
+        keys,
+        labels,
+        centroids,
+        interpret=resolve_interpret(interpret),
+        block_keys=block_keys,
+        block_clusters=block_clusters,
+    )
+
+
+def kmeans_assign(
+    keys: jax.Array,
+    centroids: jax.Array,
+    token_valid: jax.Array,
+    cluster_valid: jax.Array,
+    *,
+    impl: str = "xla",
+) -> jax.Array:
+    """Cosine K-means assignment; `impl="xla"` (reference) or `"pallas"` (kernel)."""
+    check_impl(impl)
+    if impl == "pallas":
+        return kmeans_assign_pallas(keys, centroids, token_valid, cluster_valid)
+    return kmeans_assign_reference(keys, centroids, token_valid, cluster_valid)
+
+
+def kmeans_update(
+    keys: jax.Array, labels: jax.Array, centroids: jax.Array, *, impl: str = "xla"
+) -> tuple[jax.Array, jax.Array]:
+    """K-means centroid update; `impl="xla"` (reference) or `"pallas"` (kernel)."""
+    check_impl(impl)
+    if impl == "pallas":
+        return kmeans_update_pallas(keys, labels, centroids)
+    return kmeans_update_reference(keys, labels, centroids)

@@ -1,0 +1,187 @@
+"""Decode-time scores of cluster centroids (ClusterKV) and page digests (Quest, FreeKV).
+
+Query heads are grouped by KV head: q [B, Hq, d] is scored against the centroids/digests of
+its own KV head. Scores are float32; invalid entries score -inf.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.numpy as jnp
+
+from pallas_kernels._util import check_impl, next_power_of_2
+from pallas_kernels.compat import SQUEEZED, compiler_params, resolve_interpret
+
+
+def _grouped(q: jax.Array, num_kv_heads: int) -> jax.Array:
+    b, hq, d = q.shape
+    return q.reshape(b, num_kv_heads, hq // num_kv_heads, d).astype(jnp.float32)
+
+
+def centroid_scores_reference(q: jax.Array, centroids: jax.Array, valid: jax.Array) -> jax.Array:
+    """Raw dot products `q_h . mu_c`: q [B, Hq, d], centroids [B, Hkv, C, d], valid
+    [B, Hkv, C] bool -> [B, Hq, C] float32."""
+    b, hkv, c, _ = centroids.shape
+    s = jnp.einsum("bhgd,bhcd->bhgc", _grouped(q, hkv), centroids.astype(jnp.float32))
+    return jnp.where(valid[:, :, None], s, -jnp.inf).reshape(b, -1, c)
+
+
+def page_scores_reference(
+    q: jax.Array, page_min: jax.Array, page_max: jax.Array, valid: jax.Array
+) -> jax.Array:
+    """Quest's upper bound `sum_d max(q[d] * min[d], q[d] * max[d])` per page.
+
+    q [B, Hq, d], page_min/page_max [B, Hkv, P, d], valid [B, Hkv, P] bool -> [B, Hq, P].
+    """
+    b, hkv, p, _ = page_min.shape
+    qg = _grouped(q, hkv)[:, :, :, None, :]
+    lo = qg * page_min.astype(jnp.float32)[:, :, None]
+    hi = qg * page_max.astype(jnp.float32)[:, :, None]
+    s = jnp.maximum(lo, hi).sum(axis=-1)
+    return jnp.where(valid[:, :, None], s, -jnp.inf).reshape(b, -1, p)
+
+
+# ----------------------------------------------------------------------------------------
+# Pallas kernels
+# ----------------------------------------------------------------------------------------
+
+
+def _centroid_kernel(q_ref, c_ref, valid_ref, out_ref, *, group):
+    c = c_ref[...].astype(jnp.float32)  # [bc, d], read once for the whole query group
+    ok = valid_ref[...] != 0  # [bc]
+    for h in range(group):  # static unroll over the group's real query heads
+        qh = q_ref[pl.ds(h, 1), :].astype(jnp.float32)  # [1, d]
+        out_ref[h, :] = jnp.where(ok, jnp.sum(c * qh, axis=1), -jnp.inf)
+
+
+def _page_kernel(q_ref, lo_ref, hi_ref, valid_ref, out_ref, *, group):
+    lo = lo_ref[...].astype(jnp.float32)  # [bp, d]
+    hi = hi_ref[...].astype(jnp.float32)
+    ok = valid_ref[...] != 0
+    for h in range(group):
+        qh = q_ref[pl.ds(h, 1), :].astype(jnp.float32)  # [1, d]
+        s = jnp.sum(jnp.maximum(qh * lo, qh * hi), axis=1)
+        out_ref[h, :] = jnp.where(ok, s, -jnp.inf)
+
+
+def _grouped_call(kernel, q, tables, valid, *, interpret, block, name):
+    """Grid (B, Hkv, blocks of `block` entries): one step scores one block of one KV head's
+    entries against all G query heads of that head. A partial last block is safe (entries
+    are independent, out-of-range entries are never written)."""
+    b, hq, d = q.shape
+    _, hkv, c, _ = tables[0].shape
+    g = hq // hkv
+    gp = next_power_of_2(g)  # rows >= g are padding: zero in q, never written in out
+    qg = q.reshape(b, hkv, g, d)
+    if gp != g:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    bc = min(next_power_of_2(block), next_power_of_2(c))
+    table_spec = pl.BlockSpec((SQUEEZED, SQUEEZED, bc, d), lambda i, h, j: (i, h, j, 0))
+    out = pl.pallas_call(
+        functools.partial(kernel, group=g),
+        out_shape=jax.ShapeDtypeStruct((b, hkv, gp, c), jnp.float32),
+        grid=(b, hkv, pl.cdiv(c, bc)),
+        in_specs=[
+            pl.BlockSpec((SQUEEZED, SQUEEZED, gp, d), lambda i, h, j: (i, h, 0, 0)),
+            *([table_spec] * len(tables)),
+            pl.BlockSpec((SQUEEZED, SQUEEZED, bc), lambda i, h, j: (i, h, j)),
+        ],
+        out_specs=pl.BlockSpec((SQUEEZED, SQUEEZED, gp, bc), lambda i, h, j: (i, h, 0, j)),
+        compiler_params=compiler_params(("parallel", "parallel", "parallel"), interpret),
+        interpret=interpret,
+        name=name,
+    )(qg, *tables, valid.astype(jnp.int32))
+    return out[:, :, :g].reshape(b, hq, c)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block"))
+def _centroid_scores_pallas(q, centroids, valid, *, interpret, block):
+    return _grouped_call(
+        _centroid_kernel, q, (centroids,), valid, interpret=interpret, block=block,
+        name="centroid_scores",
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block"))
+def _page_scores_pallas(q, page_min, page_max, valid, *, interpret, block):
+    return _grouped_call(
+        _page_kernel, q, (page_min, page_max), valid, interpret=interpret, block=block,
+        name="page_scores",
+    )
+
+
+def centroid_scores_pallas(
+    q: jax.Array,
+    centroids: jax.Array,
+    valid: jax.Array,
+    *,
+    interpret: bool | None = None,
+    block: int = 512,
+) -> jax.Array:
+    """Pallas version of `centroid_scores_reference` (same arguments and result).
+
+    Grid (B, Hkv, blocks of `block` clusters): each step reads a block of one KV head's
+    centroids once and scores it against all G query heads of the group (static unroll).
+
+    Verified: CPU interpret mode only (jax 0.10); never compiled for a GPU or TPU. Written
+    for the Triton lowering on GPU (selected by `compat.compiler_params`): static
+    power-of-two blocks, elementwise products and row sums instead of a [G, d] x [d, C]
+    matmul (Triton's dot rejects G < 16), and the [G, d] query-group block zero-padded to a
+    power of two (3 -> 4; padded rows are never computed).
+    """
+    return _centroid_scores_pallas(
+        q, centroids, valid, interpret=resolve_interpret(interpret), block=block
+    )
+
+
+def page_scores_pallas(
+    q: jax.Array,
+    page_min: jax.Array,
+    page_max: jax.Array,
+    valid: jax.Array,
+    *,
+    interpret: bool | None = None,
+    block: int = 512,
+) -> jax.Array:
+    """Pallas version of `page_scores_reference` (same arguments and result).
+
+    Grid (B, Hkv, blocks of `block` pages): each step reads a block of one KV head's page
+    min/max digests once and computes Quest's bound for all G query heads of the group.
+
+    Verified: CPU interpret mode only (jax 0.10); never compiled for a GPU or TPU. Written
+    for the Triton lowering on GPU (selected by `compat.compiler_params`): static
+    power-of-two blocks, elementwise products and row sums instead of a [G, d] x [d, C]
+    matmul (Triton's dot rejects G < 16), and the [G, d] query-group block zero-padded to a
+    power of two (3 -> 4; padded rows are never computed).
+    """
+    return _page_scores_pallas(
+        q, page_min, page_max, valid, interpret=resolve_interpret(interpret), block=block
+    )
+
+
+def centroid_scores(
+    q: jax.Array, centroids: jax.Array, valid: jax.Array, *, impl: str = "xla"
+) -> jax.Array:
+    """ClusterKV centroid scores; `impl="xla"` (reference) or `"pallas"` (kernel)."""
+    check_impl(impl)
+    if impl == "pallas":
+        return centroid_scores_pallas(q, centroids, valid)
+    return centroid_scores_reference(q, centroids, valid)
+
+
+def page_scores(
+    q: jax.Array,
+    page_min: jax.Array,
+    page_max: jax.Array,
+    valid: jax.Array,
+    *,
+    impl: str = "xla",
+) -> jax.Array:
+    """Quest page scores; `impl="xla"` (reference) or `"pallas"` (kernel)."""
+    check_impl(impl)
+    if impl == "pallas":
+        return page_scores_pallas(q, page_min, page_max, valid)
+    return page_scores_reference(q, page_min, page_max, valid)

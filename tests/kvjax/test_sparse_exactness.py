@@ -1,0 +1,51 @@
+"""Every sparse method equals `Full` through the whole model when its budget covers the
+context (ALGORITHMS.md section 0): logits of the prompt and of every decode step, batch 2."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from kvjax import ClusterKV, Full, Quest
+from kvjax.generation import prefill
+from models.llama import forward
+
+STEPS = 40
+
+
+def _logits(model, method, prompts, forced):
+    """Logits after the prompt, then after each forced token: [steps + 1, B, V]."""
+    pre = prefill(model, prompts, method, extra_tokens=forced.shape[1])
+    step = jax.jit(
+        lambda params, token, cache: forward(params, token, cache.lengths[:, None], cache, method, config=model.config),
+        donate_argnums=2,
+    )
+    cache, out = pre.cache, [np.asarray(pre.first_logits)]
+    for t in range(forced.shape[1]):
+        logits, cache = step(model.params, forced[:, t : t + 1], cache)
+        out.append(np.asarray(logits[:, 0]))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_lm):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 49152, size=n).tolist() for n in (150, 97)]
+    forced = rng.integers(0, 49152, size=(2, STEPS)).astype(np.int32)
+    return prompts, forced, _logits(tiny_lm, Full(), prompts, forced)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        Quest(budget=256, page_size=16, dense_layers=0),
+        Quest(budget=208, page_size=8, dense_layers=1),
+        ClusterKV(budget=256, sink=16, dense_layers=0, window=16, window_clusters=2),
+        ClusterKV(budget=200, sink=4, dense_layers=1, tokens_per_cluster=20, selection="kv_head", init="random"),
+    ],
+    ids=lambda m: f"{m.name}-" + "-".join(f"{k}={v}" for k, v in m.describe().items() if k != "method"),
+)
+def test_covering_budget_equals_full(tiny_lm, reference, method):
+    prompts, forced, full = reference
+    np.testing.assert_allclose(_logits(tiny_lm, method, prompts, forced), full, atol=1e-4, rtol=0)
