@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # The front end imports `models`, which imports the kvjax core: load it lazily so that
     # `import kvjax` (core only) never pulls in the models package.
-    if name in ("generate", "GenerationOutput", "chat_prompt"):
+    if name in ("generate", "generate_many", "GenerationOutput", "chat_prompt"):
         from kvjax import generation as _generation
 
         return getattr(_generation, name)
@@ -31,6 +31,7 @@ __all__ = [
     "StreamingLLM",
     "chat_prompt",
     "generate",
+    "generate_many",
     "init_cache",
     "kv_bytes",
 ]

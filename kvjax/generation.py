@@ -24,6 +24,7 @@ import numpy as np
 from kvjax.cache import Cache, CacheSpec, init_cache, kv_bytes
 from kvjax.compat import compiler_options
 from kvjax.methods import Full, Method
+from kvjax.methods.full import DenseLayerCache
 from models.bundle import Model
 from models.config import ModelConfig
 from models.llama import forward
@@ -149,7 +150,19 @@ def _decode(
     return out, count, step, cache
 
 
+def _convert(dense: Cache, *, method: Method, spec: CacheSpec, bucket: int) -> Cache:
+    """The cache `method` would have built from the prompt held in a `Full` cache."""
+    COMPILE_COUNTS["convert"] += 1
+    target = init_cache(method, spec)
+    layers = tuple(
+        method.ingest(i, layer, *(x[:, :, :bucket].transpose(0, 2, 1, 3) for x in (d.k, d.v)), dense.lengths)
+        for i, (layer, d) in enumerate(zip(target.layers, dense.layers))
+    )
+    return Cache(layers=layers, lengths=dense.lengths)
+
+
 _prefill_jit = jax.jit(_prefill, static_argnames=("config", "method"), donate_argnames=("cache",))
+_convert_jit = jax.jit(_convert, static_argnames=("method", "spec", "bucket"))
 _decode_jit = jax.jit(
     _decode, static_argnames=("config", "method", "greedy", "out_size"), donate_argnames=("cache",)
 )
@@ -191,6 +204,7 @@ def _pad_right(seqs: Sequence[Sequence[int]], width: int, fill: int) -> np.ndarr
 class Prefilled:
     first_logits: jax.Array  # [B, V] logits after each prompt's last token
     cache: Cache
+    spec: CacheSpec
     bucket: int
     prefill_s: float
     compile_s: float
@@ -232,7 +246,57 @@ def prefill(model: Model, prompts: Sequence[Sequence[int]], method: Method, extr
     t0 = time.perf_counter()
     first_logits, cache = exe(*args)
     first_logits.block_until_ready()
-    return Prefilled(first_logits, cache, bucket, time.perf_counter() - t0, compile_s)
+    return Prefilled(first_logits, cache, spec, bucket, time.perf_counter() - t0, compile_s)
+
+
+def convert(pre: Prefilled, method: Method) -> Prefilled:
+    """`method`'s prefilled cache derived from a `Full` prefill (the dense cache is kept).
+
+    Every method's prefill is the same exact causal attention, so several methods can share
+    one prefill; `prefill_s` then counts the shared prefill plus this method's indexing.
+    """
+    for layer in pre.cache.layers:
+        if not isinstance(layer, DenseLayerCache):
+            raise ValueError("convert needs a prefill made with Full()")
+    method.validate(pre.spec)
+    args = (pre.cache,)
+    exe, compile_s = compiled(_convert_jit, args, method=method, spec=pre.spec, bucket=pre.bucket)
+    t0 = time.perf_counter()
+    cache = exe(*args)
+    jax.block_until_ready(cache)
+    return dataclasses.replace(
+        pre, cache=cache, prefill_s=pre.prefill_s + time.perf_counter() - t0,
+        compile_s=pre.compile_s + compile_s,
+    )
+
+
+def _check_generation_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _check_method(method: Any) -> None:
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a kvjax Method (Full(), ClusterKV(...), ...), got {method!r}")
+
+
+def _tokenize(tok, context, question) -> tuple[bool, list[list[int]], list[list[int]]]:
+    """(batched, prompt ids, question ids) from generate's `context` and `question`."""
+    batched = not isinstance(context, str) and not (
+        len(context) > 0 and isinstance(context[0], (int, np.integer))
+    )
+    contexts = list(context) if batched else [context]
+    prompts = [list(c) if not isinstance(c, str) else _encode(tok, c, True) for c in contexts]
+    if question is None:
+        return batched, prompts, [[] for _ in prompts]
+    qs = [question] * len(prompts) if isinstance(question, str) else list(question)
+    if len(qs) != len(prompts):
+        raise ValueError(f"got {len(qs)} questions for a batch of {len(prompts)} contexts")
+    return batched, prompts, [_encode(tok, q, False) for q in qs]
 
 
 def generate(
@@ -252,29 +316,57 @@ def generate(
     special tokens. Greedy when `temperature == 0`.
     """
     method = Full() if method is None else method
-    if not isinstance(method, Method):
-        raise TypeError(f"method must be a kvjax Method (Full(), StreamingLLM(...)), got {method!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    config, tok = model.config, model.tokenizer
-
-    batched = not isinstance(context, str) and not (
-        len(context) > 0 and isinstance(context[0], (int, np.integer))
-    )
-    contexts = list(context) if batched else [context]
-    prompts = [list(c) if not isinstance(c, str) else _encode(tok, c, True) for c in contexts]
-    if question is None:
-        questions: list[list[int]] = [[] for _ in prompts]
-    else:
-        qs = [question] * len(prompts) if isinstance(question, str) else list(question)
-        if len(qs) != len(prompts):
-            raise ValueError(f"got {len(qs)} questions for a batch of {len(prompts)} contexts")
-        questions = [_encode(tok, q, False) for q in qs]
+    _check_method(method)
+    _check_generation_args(max_new_tokens, temperature, top_p)
+    batched, prompts, questions = _tokenize(model.tokenizer, context, question)
     pre = prefill(model, prompts, method, extra_tokens=max(len(q) for q in questions) + max_new_tokens)
+    return _decode_from(model, pre, method, prompts, questions, batched, max_new_tokens, temperature, top_p, seed)
+
+
+def generate_many(
+    model: Model,
+    context: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+    methods: Sequence[Method],
+    question: str | Sequence[str] | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[GenerationOutput]:
+    """`generate` with each of `methods` on the same input, sharing one prefill.
+
+    The prompt is prefilled once with `Full()`; every other method's cache is derived from
+    it (`convert`), so comparing methods costs one prefill, not one per method.
+    """
+    for method in methods:
+        _check_method(method)
+    _check_generation_args(max_new_tokens, temperature, top_p)
+    batched, prompts, questions = _tokenize(model.tokenizer, context, question)
+    dense = prefill(model, prompts, Full(), extra_tokens=max(len(q) for q in questions) + max_new_tokens)
+    outputs: dict[int, GenerationOutput] = {}
+    # One Full decodes last on the dense cache itself: decoding donates (consumes) it.
+    last = max((i for i, m in enumerate(methods) if m == Full()), default=None)
+    for i in [j for j in range(len(methods)) if j != last] + ([last] if last is not None else []):
+        pre = dense if i == last else convert(dense, methods[i])
+        outputs[i] = _decode_from(model, pre, methods[i], prompts, questions, batched,
+                                  max_new_tokens, temperature, top_p, seed)
+    return [outputs[i] for i in range(len(methods))]
+
+
+def _decode_from(
+    model: Model,
+    pre: Prefilled,
+    method: Method,
+    prompts: list[list[int]],
+    questions: list[list[int]],
+    batched: bool,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> GenerationOutput:
+    """Feed the questions, generate, and report (the prefilled cache is consumed)."""
+    config, tok = model.config, model.tokenizer
     q_width = max(1, max(len(q) for q in questions))
     decode_args = (
         model.params,

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from kvjax.environment import environment
 from kvjax.eval import perplexity as ppl
 from kvjax.eval.tasks import TASKS, make_sample, score
-from kvjax.generation import generate
+from kvjax.generation import generate_many
 from kvjax.methods import Method
 from models.bundle import Model
 
@@ -49,9 +49,9 @@ def run_task(
         # kv_retrieval's haystack is its JSON object: a haystack file applies to the other tasks.
         task_haystack = None if task == "kv_retrieval" else haystack
         sample = make_sample(task, model.tokenizer, length, depth=depth, seed=seed, haystack=task_haystack)
-        for method in methods:
-            out = generate(model, sample.context, question=sample.question, method=method,
-                           max_new_tokens=new_tokens)
+        outputs = generate_many(model, sample.context, methods, question=sample.question,
+                                max_new_tokens=new_tokens)
+        for method, out in zip(methods, outputs):
             rows.append({
                 "task": task,
                 "length": length,

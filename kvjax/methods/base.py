@@ -7,6 +7,9 @@ layer (the layer index is static, so a method may treat early layers differently
 - `prefill(layer, cache, q, k, v, lengths) -> (out, cache)`: the prompt's attention output
   (exact causal attention) and the cache with the prompt's K/V written and indexed.
   q: [B, T, Hq, d] post-RoPE, k/v: [B, T, Hkv, d], lengths: [B] valid (right-padded) tokens.
+  By default this is `causal_attention` plus `ingest(layer, cache, k, v, lengths)`, the part
+  that builds the cache; `ingest` alone turns a dense prompt cache into this method's cache
+  (one shared prefill, several methods: `kvjax.generation.convert`).
 - `attend(layer, cache, q, k, v, lengths) -> (out, cache)`: one decode step. q: [B, Hq, d],
   k/v: [B, Hkv, d] for the current token at position `lengths[b]`. The current token is
   written and attended exactly once.
@@ -22,6 +25,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from kvjax.attention import causal_attention
 from kvjax.cache import CacheSpec
 
 
@@ -38,6 +42,9 @@ class Method:
         raise NotImplementedError
 
     def prefill(self, layer: int, cache: Any, q, k, v, lengths) -> tuple[jax.Array, Any]:
+        return causal_attention(q, k, v, lengths), self.ingest(layer, cache, k, v, lengths)
+
+    def ingest(self, layer: int, cache: Any, k, v, lengths) -> Any:
         raise NotImplementedError
 
     def attend(self, layer: int, cache: Any, q, k, v, lengths) -> tuple[jax.Array, Any]:
@@ -58,6 +65,14 @@ def write_token(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Arr
 def to_head_major(x: jax.Array, dtype) -> jax.Array:
     """[B, T, H, d] -> [B, H, T, d] in the cache dtype."""
     return x.transpose(0, 2, 1, 3).astype(dtype)
+
+
+def write_prompt(buffer: jax.Array, x: jax.Array) -> jax.Array:
+    """Write a prompt's [B, T, H, d] values into slots [0, T) of a [B, H, S, d] buffer."""
+    t = x.shape[1]
+    if t > buffer.shape[2]:
+        raise ValueError(f"prompt of {t} tokens exceeds the cache capacity {buffer.shape[2]}")
+    return buffer.at[:, :, :t].set(to_head_major(x, buffer.dtype))
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:

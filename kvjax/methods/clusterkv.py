@@ -22,10 +22,10 @@ import jax.numpy as jnp
 from flax import struct
 
 import pallas_kernels as pk
-from kvjax.attention import attention_part, causal_attention, current_token_part, merge_parts
+from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import CacheSpec
 from kvjax.clustering import INITS, cluster_keys
-from kvjax.methods.base import check_int, empty_kv, to_head_major, write_token
+from kvjax.methods.base import check_int, empty_kv, write_prompt, write_token
 from kvjax.methods.sparse import SparseMethod
 
 SELECTIONS = ("query_head", "kv_head")
@@ -55,7 +55,7 @@ class ClusterKV(SparseMethod):
     window_clusters: int = 4
     selection: str = "query_head"
     init: str = "even"
-    seed: int = 0
+    kmeans_seed: int = 0
     dense_layers: int = 2
     impl: str = "xla"
 
@@ -69,7 +69,7 @@ class ClusterKV(SparseMethod):
         check_int("kmeans_iters", self.kmeans_iters, 0)
         check_int("window_clusters", self.window_clusters, 1)
         check_int("window", self.window, self.window_clusters)
-        check_int("seed", self.seed, 0)
+        check_int("kmeans_seed", self.kmeans_seed, 0)
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.init not in INITS:
@@ -108,7 +108,7 @@ class ClusterKV(SparseMethod):
         """K-means over head-major keys [B, Hkv, n, d]; count, num_clusters [B].
         Returns centroids [B, Hkv, C, d], sizes [B, Hkv, C], order [B, Hkv, n] (local)."""
         b, h, n, d = keys.shape
-        rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), layer), salt)
+        rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.kmeans_seed), layer), salt)
         per_head = lambda x: jnp.repeat(x, h)
         centroids, sizes, labels = cluster_keys(
             keys.reshape(b * h, n, d), per_head(count), per_head(num_clusters), max_clusters,
@@ -118,19 +118,15 @@ class ClusterKV(SparseMethod):
         unflat = lambda x: x.reshape(b, h, *x.shape[1:])
         return unflat(centroids), unflat(sizes), unflat(order)
 
-    def sparse_prefill(self, layer, cache: ClusterLayerCache, q, k, v, lengths):
-        t, slots = q.shape[1], cache.k.shape[2]
-        if t > slots:
-            raise ValueError(f"prompt of {t} tokens exceeds the cache capacity {slots}")
-        out = causal_attention(q, k, v, lengths)
-        kh = to_head_major(k, cache.k.dtype)
-        new_k = cache.k.at[:, :, :t].set(kh)
-        new_v = cache.v.at[:, :, :t].set(to_head_major(v, cache.v.dtype))
+    def sparse_ingest(self, layer, cache: ClusterLayerCache, k, v, lengths):
+        t = k.shape[1]
+        new_k, new_v = write_prompt(cache.k, k), write_prompt(cache.v, v)
+        kh = new_k[:, :, :t]
         window_start = jnp.maximum(lengths, self.sink).astype(jnp.int32)
         cache = cache.replace(k=new_k, v=new_v, window_start=window_start)
         n = t - self.sink
         if n <= 0:
-            return out, cache
+            return cache
         count = jnp.clip(lengths - self.sink, 0, n)
         max_clusters = self.prompt_clusters(t)
         if max_clusters > cache.first_window_cluster:
@@ -138,7 +134,7 @@ class ClusterKV(SparseMethod):
         num_clusters = -(-count // self.tokens_per_cluster)
         centroids, sizes, order = self._cluster(kh[:, :, self.sink:], count, num_clusters,
                                                 max_clusters, layer, salt=0)
-        return out, cache.replace(
+        return cache.replace(
             centroids=cache.centroids.at[:, :, :max_clusters].set(centroids),
             sizes=cache.sizes.at[:, :, :max_clusters].set(sizes),
             order=cache.order.at[:, :, :n].set(order + self.sink),

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import causal_attention, decode_attention
+from kvjax.attention import decode_attention
 from kvjax.cache import CacheSpec
-from kvjax.methods.base import Method, empty_kv, to_head_major, write_token
+from kvjax.methods.base import Method, empty_kv, write_prompt, write_token
 
 
 @struct.dataclass
@@ -28,13 +28,8 @@ class Full(Method):
     def init_cache(self, layer: int, spec: CacheSpec) -> DenseLayerCache:
         return DenseLayerCache(*empty_kv(spec, spec.capacity))
 
-    def prefill(self, layer, cache: DenseLayerCache, q, k, v, lengths):
-        t = q.shape[1]
-        if t > cache.k.shape[2]:
-            raise ValueError(f"prompt of {t} tokens exceeds the cache capacity {cache.k.shape[2]}")
-        new_k = cache.k.at[:, :, :t].set(to_head_major(k, cache.k.dtype))
-        new_v = cache.v.at[:, :, :t].set(to_head_major(v, cache.v.dtype))
-        return causal_attention(q, k, v, lengths), DenseLayerCache(new_k, new_v)
+    def ingest(self, layer, cache: DenseLayerCache, k, v, lengths):
+        return DenseLayerCache(write_prompt(cache.k, k), write_prompt(cache.v, v))
 
     def attend(self, layer, cache: DenseLayerCache, q, k, v, lengths):
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from flax import struct
 
 import pallas_kernels as pk
-from kvjax.attention import attention_part, causal_attention, current_token_part, merge_parts
+from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import CacheSpec
-from kvjax.methods.base import check_int, empty_kv, to_head_major, write_token
+from kvjax.methods.base import check_int, empty_kv, write_prompt, write_token
 from kvjax.methods.sparse import SparseMethod
 from kvjax.pages import add_token, full_pages, prompt_digests
 
@@ -59,16 +59,12 @@ class Quest(SparseMethod):
         shape = (spec.batch, spec.num_kv_heads, pages, spec.head_dim)
         return PagedLayerCache(k, v, jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
 
-    def sparse_prefill(self, layer, cache: PagedLayerCache, q, k, v, lengths):
-        t, slots = q.shape[1], cache.k.shape[2]
-        if t > slots:
-            raise ValueError(f"prompt of {t} tokens exceeds the cache capacity {slots}")
-        out = causal_attention(q, k, v, lengths)
-        new_k = cache.k.at[:, :, :t].set(to_head_major(k, cache.k.dtype))
-        new_v = cache.v.at[:, :, :t].set(to_head_major(v, cache.v.dtype))
+    def sparse_ingest(self, layer, cache: PagedLayerCache, k, v, lengths):
+        t = k.shape[1]
+        new_k, new_v = write_prompt(cache.k, k), write_prompt(cache.v, v)
         t_pages = self.page_size * math.ceil(t / self.page_size)
         lo, hi = prompt_digests(new_k[:, :, :t_pages], lengths, self.page_size)
-        return out, PagedLayerCache(
+        return PagedLayerCache(
             new_k, new_v, cache.page_min.at[:, :, : lo.shape[2]].set(lo),
             cache.page_max.at[:, :, : hi.shape[2]].set(hi),
         )

@@ -1,7 +1,7 @@
 """Shared frame of the query-aware sparse methods (Quest, ClusterKV, FreeKV).
 
 The first `dense_layers` layers stay dense (`Full`): their attention is too spread out to
-select from (ALGORITHMS.md section 0). Subclasses implement the `sparse_*` functions for the
+select from (ALGORITHMS.md section 0). Subclasses implement `sparse_init_cache`, `sparse_ingest` and `sparse_attend` for the
 other layers, and the `impl` switch picks the Pallas kernels or their XLA references.
 """
 
@@ -34,10 +34,10 @@ class SparseMethod(Method):
             return _DENSE.init_cache(layer, spec)
         return self.sparse_init_cache(layer, spec)
 
-    def prefill(self, layer, cache, q, k, v, lengths):
+    def ingest(self, layer, cache, k, v, lengths):
         if layer < self.dense_layers:
-            return _DENSE.prefill(layer, cache, q, k, v, lengths)
-        return self.sparse_prefill(layer, cache, q, k, v, lengths)
+            return _DENSE.ingest(layer, cache, k, v, lengths)
+        return self.sparse_ingest(layer, cache, k, v, lengths)
 
     def attend(self, layer, cache, q, k, v, lengths):
         if layer < self.dense_layers:
@@ -47,7 +47,7 @@ class SparseMethod(Method):
     def sparse_init_cache(self, layer: int, spec: CacheSpec) -> Any:
         raise NotImplementedError
 
-    def sparse_prefill(self, layer, cache, q, k, v, lengths):
+    def sparse_ingest(self, layer, cache, k, v, lengths):
         raise NotImplementedError
 
     def sparse_attend(self, layer, cache, q, k, v, lengths):

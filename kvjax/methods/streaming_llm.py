@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import causal_attention, decode_attention
+from kvjax.attention import decode_attention
 from kvjax.cache import CacheSpec
 from kvjax.methods.base import Method, check_int, empty_kv, to_head_major, write_token
 
@@ -51,8 +51,7 @@ class StreamingLLM(Method):
         k, v = empty_kv(spec, self.budget)
         return RingLayerCache(k, v, jnp.full((spec.batch, self.budget), -1, jnp.int32))
 
-    def prefill(self, layer, cache: RingLayerCache, q, k, v, lengths):
-        out = causal_attention(q, k, v, lengths)
+    def ingest(self, layer, cache: RingLayerCache, k, v, lengths):
         # For every slot, the latest prompt position that maps to it (or -1).
         slots = jnp.arange(self.budget)
         ring_index = slots - self.sink
@@ -60,10 +59,10 @@ class StreamingLLM(Method):
         latest = self.sink + ring_index + self.window * ((last - self.sink - ring_index) // self.window)
         pos = jnp.where(slots < self.sink, slots, latest)
         pos = jnp.where((pos >= 0) & (pos <= last) & ((slots < self.sink) | (latest >= self.sink)), pos, -1)
-        gather = jnp.clip(pos, 0, q.shape[1] - 1)[:, None, :, None]
+        gather = jnp.clip(pos, 0, k.shape[1] - 1)[:, None, :, None]
         new_k = jnp.take_along_axis(to_head_major(k, cache.k.dtype), gather, axis=2)
         new_v = jnp.take_along_axis(to_head_major(v, cache.v.dtype), gather, axis=2)
-        return out, RingLayerCache(new_k, new_v, pos.astype(jnp.int32))
+        return RingLayerCache(new_k, new_v, pos.astype(jnp.int32))
 
     def attend(self, layer, cache: RingLayerCache, q, k, v, lengths):
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)

@@ -131,3 +131,23 @@ def test_bad_arguments_raise_clear_errors(tiny, kwargs, error, match):
 def test_empty_context_is_rejected(tiny):
     with pytest.raises(ValueError, match="at least one token"):
         generate(tiny, [[1, 2], []])
+
+
+def test_generate_many_shares_one_prefill_and_equals_generate(tiny, monkeypatch):
+    """Methods derived from one dense prefill generate exactly what their own prefill gives."""
+    from kvjax import ClusterKV, Quest, generate_many
+    from kvjax import generation
+
+    prefills = []
+    real_prefill = generation.prefill
+    monkeypatch.setattr(generation, "prefill", lambda *a, **k: prefills.append(a[2]) or real_prefill(*a, **k))
+
+    contexts = [_ids(300, 1), _ids(170, 2)]
+    methods = [Full(), StreamingLLM(budget=64, sink=4), Quest(budget=64, page_size=16, dense_layers=1),
+               ClusterKV(budget=64, sink=8, tokens_per_cluster=16, dense_layers=1), Full()]
+    shared = generate_many(tiny, contexts, methods, question=["Where?", "Who?"], max_new_tokens=12)
+    assert prefills == [Full()]  # one dense prefill for five methods
+    for method, out in zip(methods, shared):
+        alone = generate(tiny, contexts, question=["Where?", "Who?"], method=method, max_new_tokens=12)
+        assert out.tokens == alone.tokens, method
+        assert out.stats["device_kv_bytes"] == alone.stats["device_kv_bytes"]

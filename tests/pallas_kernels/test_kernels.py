@@ -1,0 +1,530 @@
+"""Pallas kernels (interpret mode on CPU) against their pure-jnp references, and the
+references against straightforward numpy loops.
+
+Inputs are fresh random normals (never zeros) of a few KiB to a few MiB: interpret mode is
+slow. Shapes cover G > 1, the SmolLM2 grouping (9 query heads, 3 KV heads, d = 64), sizes
+that are not multiples of the kernels' blocks, and the edge cases of each operation.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import compat
+from pallas_kernels.kmeans import NORM_EPS
+from pallas_kernels.sparse_attention import MASKED
+
+TIE = 1e-5  # cosine similarities closer than this may legitimately round either way
+
+# The references, jitted: one compilation per shape instead of one per op (3-5x faster here).
+kmeans_assign_ref = jax.jit(pk.kmeans_assign_reference)
+kmeans_update_ref = jax.jit(pk.kmeans_update_reference)
+centroid_scores_ref = jax.jit(pk.centroid_scores_reference)
+page_scores_ref = jax.jit(pk.page_scores_reference)
+sparse_attention_ref = jax.jit(pk.sparse_decode_attention_reference, static_argnums=5)
+
+
+def rng_for(*key) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def normal(rng, shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# numpy loop oracles (float64)
+# ----------------------------------------------------------------------------------------
+
+
+def np_unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.sqrt(max(float(x @ x), NORM_EPS))
+
+
+def np_cos_sims(keys, centroids):
+    """[G, n, C] float64 cosine similarities (NaN where a vector is non-finite)."""
+    g_, n, _ = keys.shape
+    c = centroids.shape[1]
+    out = np.full((g_, n, c), np.nan)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for g in range(g_):
+            for i in range(n):
+                for j in range(c):
+                    out[g, i, j] = np_unit(keys[g, i]) @ np_unit(centroids[g, j])
+    return out
+
+
+def np_kmeans_assign(keys, centroids, token_valid, cluster_valid):
+    g_, n, _ = keys.shape
+    c = centroids.shape[1]
+    sims = np_cos_sims(keys, centroids)
+    labels = np.full((g_, n), c, np.int32)
+    for g in range(g_):
+        usable = [j for j in range(c) if cluster_valid[g, j] and np.isfinite(centroids[g, j]).all()]
+        for i in range(n):
+            if not token_valid[g, i] or not np.isfinite(keys[g, i]).all() or not usable:
+                continue
+            best = usable[0]
+            for j in usable[1:]:
+                if sims[g, i, j] > sims[g, i, best]:  # strict: first maximum wins
+                    best = j
+            labels[g, i] = best
+    return labels
+
+
+def np_kmeans_update(keys, labels, centroids):
+    g_, n, d = keys.shape
+    c = centroids.shape[1]
+    sums = np.zeros((g_, c, d))
+    sizes = np.zeros((g_, c), np.int32)
+    for g in range(g_):
+        for i in range(n):
+            lab = labels[g, i]
+            if lab < c:
+                sums[g, lab] += keys[g, i]
+                sizes[g, lab] += 1
+    out = np.array(centroids, np.float64)
+    for g in range(g_):
+        for j in range(c):
+            if sizes[g, j]:
+                out[g, j] = sums[g, j] / sizes[g, j]
+    return out, sizes
+
+
+def np_centroid_scores(q, centroids, valid):
+    b_, hq, d = q.shape
+    hkv, c = centroids.shape[1], centroids.shape[2]
+    out = np.zeros((b_, hq, c))
+    for b in range(b_):
+        for h in range(hq):
+            kv = h // (hq // hkv)
+            for j in range(c):
+                s = sum(float(q[b, h, t]) * float(centroids[b, kv, j, t]) for t in range(d))
+                out[b, h, j] = s if valid[b, kv, j] else -np.inf
+    return out
+
+
+def np_page_scores(q, lo, hi, valid):
+    b_, hq, d = q.shape
+    hkv, p = lo.shape[1], lo.shape[2]
+    out = np.zeros((b_, hq, p))
+    for b in range(b_):
+        for h in range(hq):
+            kv = h // (hq // hkv)
+            for j in range(p):
+                s = 0.0
+                for t in range(d):
+                    s += max(float(q[b, h, t]) * float(lo[b, kv, j, t]),
+                             float(q[b, h, t]) * float(hi[b, kv, j, t]))
+                out[b, h, j] = s if valid[b, kv, j] else -np.inf
+    return out
+
+
+def np_sparse_attention(q, k, v, indices, valid, block_size):
+    """Exact softmax over the valid selected slots. A fully masked row gets the reference's
+    documented value: lse = MASKED (+ log count, lost in float32), out = mean of gathered v."""
+    b_, hq, d = q.shape
+    hkv = k.shape[1]
+    n = indices.shape[-1]
+    out = np.zeros((b_, hq, d))
+    lse = np.zeros((b_, hq))
+    for b in range(b_):
+        for h in range(hq):
+            kv = h // (hq // hkv)
+            scores, values, oks = [], [], []
+            for e in range(n):
+                for t in range(block_size):
+                    slot = int(indices[b, h, e]) * block_size + t
+                    ok = valid[b, h, e, t] if valid.ndim == 4 else valid[b, h, e]
+                    scores.append(np.dot(q[b, h].astype(np.float64), k[b, kv, slot]) / np.sqrt(d))
+                    values.append(np.asarray(v[b, kv, slot], np.float64))
+                    oks.append(bool(ok))
+            scores, values, oks = np.array(scores), np.array(values), np.array(oks)
+            if oks.any():
+                s = scores[oks]
+                m = s.max()
+                p = np.exp(s - m)
+                out[b, h] = (p[:, None] * values[oks]).sum(0) / p.sum()
+                lse[b, h] = m + np.log(p.sum())
+            else:
+                out[b, h] = values.mean(0)
+                lse[b, h] = MASKED
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------
+# Input builders
+# ----------------------------------------------------------------------------------------
+
+
+def kmeans_inputs(rng, g, n, d, c, *, poison=True):
+    """Keys with duplicates, NaN/Inf rows, padded tokens; centroids with invalid clusters,
+    a duplicate centroid and a NaN centroid; the last problem may have no valid cluster."""
+    keys = normal(rng, (g, n, d))
+    centroids = normal(rng, (g, c, d))
+    token_valid = rng.random((g, n)) < 0.85
+    cluster_valid = rng.random((g, c)) < 0.8
+    cluster_valid[:, 0] = True
+    keys[:, 1] = keys[:, 0]  # duplicate keys
+    keys[:, n - 1] = keys[:, 2]
+    if c >= 3:
+        centroids[:, 2] = centroids[:, 1]  # duplicate centroids: exact tie, first wins
+        cluster_valid[:, 1:3] = True
+    if poison:
+        keys[0, 3] = np.nan
+        keys[0, 4, 0] = np.inf
+        keys[-1, 5, d - 1] = -np.inf
+        token_valid[:, 3:6] = True  # non-finite keys flagged valid: must still be left out
+        if c >= 4:
+            centroids[0, 3, 1] = np.nan  # a "valid" cluster with a NaN centroid never wins
+            cluster_valid[0, 3] = True
+    if g > 1 and poison:
+        cluster_valid[-1] = False  # a problem without any valid cluster
+    return keys, centroids, token_valid, cluster_valid
+
+
+def assert_labels_match(got, want, sims, num_clusters, *, max_ties=3):
+    """Equal labels, except near-ties (|sim difference| < TIE) that rounding may flip."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == np.int32
+    diff = np.argwhere(got != want)
+    for g, i in diff:
+        a, b = int(got[g, i]), int(want[g, i])
+        assert a < num_clusters and b < num_clusters, (g, i, a, b)
+        assert abs(sims[g, i, a] - sims[g, i, b]) < TIE, (g, i, a, b, sims[g, i, a], sims[g, i, b])
+    assert len(diff) <= max_ties
+
+
+def sparse_inputs(rng, b, hq, hkv, d, s, bs, n, valid_kind, dtype=np.float32):
+    q = normal(rng, (b, hq, d))
+    k = normal(rng, (b, hkv, s, d)).astype(dtype)
+    v = normal(rng, (b, hkv, s, d)).astype(dtype)
+    num_blocks = s // bs
+    indices = rng.integers(0, num_blocks, (b, hq, n)).astype(np.int32)
+    indices[..., 1] = indices[..., 0]  # repeated indices are attended twice, like the reference
+    indices[-1, 0, -1] -= num_blocks  # a negative index wraps once, like jnp indexing
+    shape = (b, hq, n) if valid_kind == "3d" else (b, hq, n, bs)
+    valid = rng.random(shape) < 0.7
+    valid[0, 0] = False  # a fully masked row
+    valid[-1, -1] = True  # a fully valid row
+    if valid_kind == "3d" and n > 3:
+        indices[0, 1, 3] = -1  # invalid entry with a negative index (wraps like jnp)
+        valid[0, 1, 3] = False
+    return q, k, v, indices, valid
+
+
+# ----------------------------------------------------------------------------------------
+# References against numpy loops (tiny shapes)
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("g,n,d,c", [(1, 9, 4, 3), (3, 14, 8, 5)])
+def test_kmeans_assign_reference_matches_loops(g, n, d, c):
+    rng = rng_for("assign_ref", g, n, d, c)
+    keys, centroids, tv, cv = kmeans_inputs(rng, g, n, d, c)
+    keys[0, 6] = 0.0  # a zero key: all similarities 0, first usable cluster
+    tv[0, 6] = True
+    want = np_kmeans_assign(keys, centroids, tv, cv)
+    got = kmeans_assign_ref(*map(jnp.asarray, (keys, centroids, tv, cv)))
+    assert_labels_match(got, want, np_cos_sims(keys, centroids), c, max_ties=0)
+    assert want[0, 3] == want[0, 4] == c  # the non-finite keys were left out
+    if g > 1:
+        assert (want[-1] == c).all()
+
+
+@pytest.mark.parametrize("g,n,d,c", [(1, 9, 4, 3), (2, 17, 6, 5)])
+def test_kmeans_update_reference_matches_loops(g, n, d, c):
+    rng = rng_for("update_ref", g, n, d, c)
+    keys = normal(rng, (g, n, d))
+    centroids = normal(rng, (g, c, d))
+    labels = rng.integers(0, c + 1, (g, n)).astype(np.int32)
+    labels[labels == c - 1] = c  # cluster c-1 is empty: keeps its centroid
+    labels[0, 0] = c
+    keys[0, 0] = np.nan  # labelled out: must not reach any sum
+    want_c, want_s = np_kmeans_update(keys, labels, centroids)
+    got_c, got_s = kmeans_update_ref(*map(jnp.asarray, (keys, labels, centroids)))
+    np.testing.assert_array_equal(np.asarray(got_s), want_s)
+    np.testing.assert_allclose(np.asarray(got_c), want_c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got_c)[:, c - 1], centroids[:, c - 1])
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,c", [(1, 2, 2, 4, 5), (2, 6, 2, 8, 7)])
+def test_score_references_match_loops(b, hq, hkv, d, c):
+    rng = rng_for("scores_ref", b, hq, hkv, d, c)
+    q = normal(rng, (b, hq, d))
+    lo = normal(rng, (b, hkv, c, d))
+    hi = lo + np.abs(normal(rng, (b, hkv, c, d)))
+    valid = rng.random((b, hkv, c)) < 0.7
+    got = centroid_scores_ref(jnp.asarray(q), jnp.asarray(lo), jnp.asarray(valid))
+    want = np_centroid_scores(q, lo, valid)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    got = page_scores_ref(*map(jnp.asarray, (q, lo, hi, valid)))
+    want = np_page_scores(q, lo, hi, valid)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,d,s,bs,n,valid_kind",
+    [(1, 2, 1, 8, 12, 1, 5, "3d"), (2, 6, 2, 8, 16, 4, 3, "4d"), (1, 3, 3, 4, 8, 2, 4, "3d")],
+)
+def test_sparse_attention_reference_matches_loops(b, hq, hkv, d, s, bs, n, valid_kind):
+    rng = rng_for("sparse_ref", b, hq, hkv, d, s, bs, n, valid_kind)
+    q, k, v, idx, valid = sparse_inputs(rng, b, hq, hkv, d, s, bs, n, valid_kind)
+    want_o, want_l = np_sparse_attention(q, k, v, idx, valid, bs)
+    got_o, got_l = sparse_attention_ref(*map(jnp.asarray, (q, k, v, idx, valid)), bs)
+    np.testing.assert_allclose(np.asarray(got_o), want_o, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_l), want_l, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_attention_reference_full_selection_is_dense_attention():
+    """Selecting every token of the head gives plain softmax attention over the cache."""
+    rng = rng_for("dense")
+    b, hq, hkv, d, s = 1, 4, 2, 8, 10
+    q, k, v = normal(rng, (b, hq, d)), normal(rng, (b, hkv, s, d)), normal(rng, (b, hkv, s, d))
+    idx = np.broadcast_to(rng.permutation(s).astype(np.int32), (b, hq, s))
+    out, lse = pk.sparse_decode_attention_reference(
+        *map(jnp.asarray, (q, k, v, idx)), jnp.ones((b, hq, s), bool)
+    )
+    kh = np.repeat(k, hq // hkv, axis=1)
+    vh = np.repeat(v, hq // hkv, axis=1)
+    sc = np.einsum("bhd,bhsd->bhs", q, kh) / np.sqrt(d)
+    p = np.exp(sc - sc.max(-1, keepdims=True))
+    want = np.einsum("bhs,bhsd->bhd", p / p.sum(-1, keepdims=True), vh)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse), np.log(np.exp(sc).sum(-1)), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# Pallas kernels against the references (interpret mode)
+# ----------------------------------------------------------------------------------------
+
+
+def test_interpret_defaults_to_true_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert compat.resolve_interpret(None) is True
+    assert compat.resolve_interpret(False) is False
+
+
+@pytest.mark.parametrize(
+    "g,n,d,c,block",
+    [
+        (1, 64, 32, 8, 64),  # one exact block
+        (3, 200, 64, 37, 64),  # G > 1, n and C not multiples of the blocks
+        (2, 130, 16, 5, 32),
+        (2, 50, 64, 400, 256),  # many clusters (ClusterKV's 400), one partial key block
+    ],
+)
+def test_kmeans_assign_pallas(g, n, d, c, block):
+    rng = rng_for("assign", g, n, d, c, block)
+    keys, centroids, tv, cv = kmeans_inputs(rng, g, n, d, c)
+    args = tuple(map(jnp.asarray, (keys, centroids, tv, cv)))
+    want = kmeans_assign_ref(*args)
+    got = pk.kmeans_assign_pallas(*args, block_keys=block)
+    assert_labels_match(got, want, np.asarray(jnp.einsum(
+        "gnd,gcd->gnc", pk.kmeans.normalize(args[0]), pk.kmeans.normalize(args[1]))), c)
+    got = np.asarray(got)
+    assert (got[~tv] == c).all()
+    assert got[0, 3] == got[0, 4] == c  # non-finite keys left out
+    if c >= 4:
+        assert not (got[0] == 3).any()  # the NaN centroid wins nothing
+    if g > 1:
+        assert (got[-1] == c).all()  # no valid cluster
+    assert (got[0][tv[0]] < c).any()  # problem 0 has valid clusters: keys were assigned
+
+
+@pytest.mark.parametrize(
+    "g,n,d,c,block_keys,block_clusters",
+    [
+        (1, 64, 32, 8, 64, 8),
+        (3, 200, 64, 37, 64, 16),  # partial key and cluster blocks
+        (2, 130, 16, 5, 256, 128),  # blocks larger than the problem
+        (2, 300, 64, 150, 128, 64),
+    ],
+)
+def test_kmeans_update_pallas(g, n, d, c, block_keys, block_clusters):
+    rng = rng_for("update", g, n, d, c, block_keys, block_clusters)
+    keys, centroids, tv, cv = kmeans_inputs(rng, g, n, d, c)
+    cv[:, c - 1] = False  # guaranteed empty cluster
+    labels = kmeans_assign_ref(*map(jnp.asarray, (keys, centroids, tv, cv)))
+    assert (np.asarray(labels) == c).any()  # NaN/invalid keys labelled out
+    want_c, want_s = kmeans_update_ref(jnp.asarray(keys), labels, jnp.asarray(centroids))
+    got_c, got_s = pk.kmeans_update_pallas(
+        jnp.asarray(keys), labels, jnp.asarray(centroids),
+        block_keys=block_keys, block_clusters=block_clusters,
+    )
+    assert got_c.dtype == jnp.float32 and got_s.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got_s), np.asarray(want_s))
+    np.testing.assert_allclose(np.asarray(got_c), np.asarray(want_c), rtol=1e-5, atol=1e-5)
+    assert (np.asarray(got_s) == 0).any()
+    # Only the deliberately NaN centroid may be non-finite, and only if it got no key.
+    finite = np.isfinite(np.asarray(got_c)).all(-1)
+    assert finite[1:].all() and finite[0, np.arange(c) != 3].all()
+
+
+@pytest.mark.parametrize("g,n,d,c", [(2, 100, 32, 12)])
+def test_kmeans_update_pallas_random_labels(g, n, d, c):
+    """Labels drawn directly (many in [0, C), some C) with NaN keys only under label C."""
+    rng = rng_for("update_random", g, n, d, c)
+    keys = normal(rng, (g, n, d))
+    labels = rng.integers(0, c + 1, (g, n)).astype(np.int32)
+    labels[:, :7] = c
+    keys[:, :3] = np.nan
+    keys[:, 3:5] = np.inf
+    centroids = normal(rng, (g, c, d))
+    args = tuple(map(jnp.asarray, (keys, labels, centroids)))
+    want_c, want_s = kmeans_update_ref(*args)
+    got_c, got_s = pk.kmeans_update_pallas(*args, block_keys=32, block_clusters=8)
+    np.testing.assert_array_equal(np.asarray(got_s), np.asarray(want_s))
+    np.testing.assert_allclose(np.asarray(got_c), np.asarray(want_c), rtol=1e-5, atol=1e-5)
+    assert np.isfinite(np.asarray(got_c)).all()
+
+
+SCORE_CASES = [
+    (1, 4, 4, 32, 16, 512, np.float32),  # G = 1, block larger than C
+    (2, 9, 3, 64, 45, 16, np.float32),  # SmolLM2 grouping, partial last block
+    (2, 8, 2, 16, 130, 32, jnp.bfloat16),  # G = 4, bf16 cache
+]
+
+
+def _assert_scores(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    assert np.isneginf(want).any() and np.isfinite(want).any()
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,c,block,dtype", SCORE_CASES)
+def test_centroid_scores_pallas(b, hq, hkv, d, c, block, dtype):
+    rng = rng_for("centroid", b, hq, hkv, d, c, block)
+    q = jnp.asarray(normal(rng, (b, hq, d)), dtype)
+    cents = jnp.asarray(normal(rng, (b, hkv, c, d)), dtype)
+    valid = jnp.asarray(rng.random((b, hkv, c)) < 0.8)
+    _assert_scores(
+        pk.centroid_scores_pallas(q, cents, valid, block=block),
+        centroid_scores_ref(q, cents, valid),
+    )
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,c,block,dtype", SCORE_CASES)
+def test_page_scores_pallas(b, hq, hkv, d, c, block, dtype):
+    rng = rng_for("page", b, hq, hkv, d, c, block)
+    q = jnp.asarray(normal(rng, (b, hq, d)), dtype)
+    lo = normal(rng, (b, hkv, c, d))
+    hi = lo + np.abs(normal(rng, (b, hkv, c, d)))
+    valid = jnp.asarray(rng.random((b, hkv, c)) < 0.8)
+    lo, hi = jnp.asarray(lo, dtype), jnp.asarray(hi, dtype)
+    _assert_scores(
+        pk.page_scores_pallas(q, lo, hi, valid, block=block),
+        page_scores_ref(q, lo, hi, valid),
+    )
+
+
+SPARSE_CASES = [
+    # b, hq, hkv, d, s, block_size, n, chunk, valid_kind, dtype, scalar_prefetch
+    (2, 9, 3, 64, 160, 1, 50, 16, "4d", np.float32, False),  # SmolLM2, tokens, n % chunk != 0
+    (2, 9, 3, 64, 160, 16, 7, 32, "4d", np.float32, False),  # pages, per-slot validity
+    (2, 9, 3, 64, 160, 16, 7, 32, "3d", np.float32, True),  # scalar-prefetch index path
+    (1, 3, 1, 64, 256, 16, 16, 128, "3d", np.float32, False),
+    (1, 6, 2, 64, 96, 1, 20, 1000, "3d", jnp.bfloat16, False),  # chunk > n, bf16 cache
+    (2, 4, 4, 16, 48, 1, 3, 128, "3d", np.float32, True),  # tiny n
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,s,bs,n,chunk,valid_kind,dtype,prefetch", SPARSE_CASES)
+def test_sparse_decode_attention_pallas(
+    b, hq, hkv, d, s, bs, n, chunk, valid_kind, dtype, prefetch
+):
+    rng = rng_for("sparse", b, hq, hkv, d, s, bs, n, chunk, valid_kind, prefetch)
+    q, k, v, idx, valid = sparse_inputs(rng, b, hq, hkv, d, s, bs, n, valid_kind, dtype)
+    args = tuple(map(jnp.asarray, (q, k, v, idx, valid)))
+    want_o, want_l = sparse_attention_ref(*args, bs)
+    got_o, got_l = pk.sparse_decode_attention_pallas(
+        *args, bs, chunk=chunk, scalar_prefetch=prefetch
+    )
+    got_o, got_l, want_o, want_l = map(np.asarray, (got_o, got_l, want_o, want_l))
+    assert got_o.shape == (b, hq, d) and got_l.shape == (b, hq)
+    assert got_o.dtype == np.float32 and got_l.dtype == np.float32
+    any_valid = valid.reshape(b, hq, -1).any(-1)
+    assert (~any_valid).any() and any_valid.any()
+    np.testing.assert_allclose(got_o[any_valid], want_o[any_valid], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got_l[any_valid], want_l[any_valid], rtol=2e-5, atol=2e-5)
+    # Fully masked rows: only the merge contract (weight 0, finite output).
+    assert (got_l[~any_valid] <= -1e29).all()
+    assert np.isfinite(got_o).all()
+
+
+def test_sparse_decode_attention_pallas_gathers_nothing_outside_the_kernel():
+    """K/V are read by index inside the kernel: the traced program has no gather (the
+    reference's has one, so this check can fail)."""
+    rng = rng_for("nogather")
+    q, k, v, idx, valid = sparse_inputs(rng, 1, 4, 2, 16, 32, 1, 8, "3d")
+    args = tuple(map(jnp.asarray, (q, k, v, idx, valid)))
+
+    from jax.extend.core import jaxprs_in_params
+
+    def primitives(jaxpr, skip_pallas=True):
+        names = set()
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            if skip_pallas and eqn.primitive.name == "pallas_call":
+                continue
+            for sub in jaxprs_in_params(eqn.params):
+                names |= primitives(sub, skip_pallas)
+        return names
+
+    kernel = primitives(jax.make_jaxpr(pk.sparse_decode_attention_pallas)(*args).jaxpr)
+    ref = primitives(jax.make_jaxpr(pk.sparse_decode_attention_reference)(*args).jaxpr)
+    assert "pallas_call" in kernel and "gather" not in kernel
+    assert "gather" in ref
+
+
+# ----------------------------------------------------------------------------------------
+# Dispatchers
+# ----------------------------------------------------------------------------------------
+
+
+DISPATCHERS = [  # module, dispatcher, number of positional arguments
+    ("kmeans", "kmeans_assign", 4),
+    ("kmeans", "kmeans_update", 3),
+    ("scores", "centroid_scores", 3),
+    ("scores", "page_scores", 4),
+    ("sparse_attention", "sparse_decode_attention", 6),
+]
+
+
+@pytest.mark.parametrize("module,name,nargs", DISPATCHERS)
+def test_dispatcher_routes_by_impl(monkeypatch, module, name, nargs):
+    """impl="xla" (the default) calls the reference, impl="pallas" the kernel, with the
+    same positional arguments."""
+    import importlib
+
+    mod = importlib.import_module(f"pallas_kernels.{module}")
+    calls = []
+    for suffix in ("reference", "pallas"):
+        monkeypatch.setattr(
+            mod, f"{name}_{suffix}", lambda *a, _s=suffix, **kw: calls.append((_s, a, kw)) or _s
+        )
+    dispatch = getattr(pk, name)
+    args = tuple(object() for _ in range(nargs))
+    assert dispatch(*args) == "reference"
+    assert dispatch(*args, impl="xla") == "reference"
+    assert dispatch(*args, impl="pallas") == "pallas"
+    assert [c[0] for c in calls] == ["reference", "reference", "pallas"]
+    assert all(c[1] == args and not c[2] for c in calls)
+
+
+@pytest.mark.parametrize("bad", ["triton", "XLA", "", None])
+@pytest.mark.parametrize("module,name,nargs", DISPATCHERS)
+def test_dispatcher_rejects_unknown_impl(module, name, nargs, bad):
+    args = tuple(object() for _ in range(nargs))
+    with pytest.raises(ValueError, match=r"impl.*'xla'.*'pallas'"):
+        getattr(pk, name)(*args, impl=bad)
