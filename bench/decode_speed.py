@@ -17,6 +17,12 @@ the repeats and the ratios between them.
 Run from the repository root:
 
     .venv/bin/python -m bench.decode_speed --lengths 1024 4096 7680 --repeats 3
+
+`--suite methods` runs the other half instead (`bench/method_speed.py`): decode ms/token of
+Full, StreamingLLM, Quest and ClusterKV (XLA and Pallas) at 4k/16k/32k with budget 1024 on
+the SmolLM2 architecture, and ClusterKV's clustering time as a share of prefill:
+
+    .venv/bin/python -m bench.decode_speed --suite methods --contexts 4096 16384 32768
 """
 
 from __future__ import annotations
@@ -239,6 +245,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["--suite", "methods"]:
+        from bench import method_speed
+
+        return method_speed.main(argv[2:])
+    if argv[:2] == ["--suite", "transformers"]:
+        argv = argv[2:]
     args = parse_args(argv)
     import torch
 

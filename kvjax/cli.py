@@ -12,6 +12,16 @@ METHOD_HYPERPARAMETERS = {
     # CLI flag -> method field; a method receives only the fields it declares.
     "budget": int,
     "sink": int,
+    "page_size": int,
+    "dense_layers": int,
+    "tokens_per_cluster": int,
+    "kmeans_iters": int,
+    "window": int,
+    "window_clusters": int,
+    "selection": str,
+    "init": str,
+    "kmeans_seed": int,
+    "impl": str,
 }
 
 
@@ -28,13 +38,19 @@ def _add_method_args(p: argparse.ArgumentParser, multiple: bool = False) -> None
                        help=f"method hyperparameter {name} (method default when omitted)")
 
 
-def _method_from_args(name: str, args: argparse.Namespace):
-    from kvjax.methods import METHODS, make_method
+def _method_from_args(name: str, args: argparse.Namespace, strict: bool = True):
+    """The method `name` with the hyperparameter flags given on the command line.
+
+    With one `--method`, a flag the method does not take is an error; with several
+    `--methods`, each method takes the flags it declares.
+    """
     import dataclasses
 
+    from kvjax.methods import METHODS, make_method
+
     fields = {f.name for f in dataclasses.fields(METHODS[name])}
-    given = {k: getattr(args, k) for k in METHOD_HYPERPARAMETERS if k in fields}
-    return make_method(name, **given)
+    given = {k: getattr(args, k) for k in METHOD_HYPERPARAMETERS if getattr(args, k) is not None}
+    return make_method(name, **(given if strict else {k: v for k, v in given.items() if k in fields}))
 
 
 def _load_model(args: argparse.Namespace):
@@ -84,7 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kvjax.eval.tasks import default_haystack_path
 
     model = _load_model(args)
-    methods = [_method_from_args(m, args) for m in args.methods]
+    methods = [_method_from_args(m, args, strict=len(args.methods) == 1) for m in args.methods]
     if args.task == "perplexity":
         text = args.text or default_haystack_path()
         if text is None:
@@ -123,15 +139,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Long-context generation with the embedded model: a passkey hidden in a long prompt."""
     from kvjax.eval.tasks import make_sample
-    from kvjax.generation import generate
-    from kvjax.methods import Full, StreamingLLM
+    from kvjax.generation import generate_many
+    from kvjax.methods import ClusterKV, Full, Quest, StreamingLLM
 
     model = _load_model(args)
     sample = make_sample("passkey", model.tokenizer, args.tokens, depth=0.4, seed=7)
     print(f"prompt: {sample.context_tokens} tokens with a pass key hidden at 40% depth; "
-          f"the question is fed token by token after prefill.\n")
-    for method in (Full(), StreamingLLM(budget=256)):
-        out = generate(model, sample.context, question=sample.question, method=method, max_new_tokens=8)
+          f"the question is fed token by token after prefill. One dense prefill is shared by "
+          f"all methods (prefill times include each method's own indexing).\n")
+    methods = (StreamingLLM(budget=256), Quest(budget=256), ClusterKV(budget=256), Full())
+    outputs = generate_many(model, sample.context, methods, question=sample.question, max_new_tokens=8)
+    for method, out in zip(methods, outputs):
         s = out.stats
         print(f"{method.name:14s} answer: {out.text.strip()!r:20s} "
               f"({'correct' if sample.answers[0] in out.text else 'wrong'}, expected {sample.answers[0]})")

@@ -74,3 +74,19 @@ def test_eval_writes_json(capsys, tmp_path):
     assert payload["task"] == "passkey" and len(payload["rows"]) == 2
     full = next(r for r in payload["rows"] if r["method"] == "full")
     assert full["score"] == 1.0, full  # a 300-token passkey prompt is easy for the real model
+
+
+def test_method_flags_build_the_method():
+    from kvjax import ClusterKV, Full, Quest
+    from kvjax.cli import _method_from_args, build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--method", "clusterkv", "--budget", "128",
+                                      "--selection", "kv_head", "--tokens-per-cluster", "40", "--impl", "pallas"])
+    assert _method_from_args(args.method, args) == ClusterKV(budget=128, selection="kv_head",
+                                                            tokens_per_cluster=40, impl="pallas")
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--method", "quest", "--window", "5"])
+    with pytest.raises(ValueError, match="takes .* not \\['window'\\]"):
+        _method_from_args(args.method, args)
+    # Several methods: each takes the flags it declares.
+    args = build_parser().parse_args(["eval", "passkey", "--methods", "full", "quest", "--page-size", "32"])
+    assert [_method_from_args(m, args, strict=False) for m in args.methods] == [Full(), Quest(page_size=32)]

@@ -1,0 +1,175 @@
+"""Decode speed of every method at long contexts (the `methods` suite of decode_speed.py).
+
+SmolLM2-135M's architecture (30 layers, 9 query / 3 KV heads, d=64) with random weights and
+`max_position_embeddings` raised to fit 32k (the real model is trained to 8k; speed does not
+depend on the weights). The prompt's dense cache is filled with random keys/values instead of
+running a 32k-token prefill (about 15 minutes on 2 CPU cores), then each method's cache is
+built from it with `kvjax.generation.convert` (for ClusterKV: the K-means clustering, timed)
+and `decode_steps` greedy tokens are decoded by the jitted loop. Clustering is reported as a
+share of a real dense prefill, measured at the lengths listed in `--prefill-lengths`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METHOD_NAMES = ("full", "streaming_llm", "quest", "clusterkv_xla", "clusterkv_pallas")
+
+
+def smollm2_shaped(max_len: int):
+    """A random-weight model with SmolLM2-135M's shapes and the real tokenizer (for ids)."""
+    import models
+    from models.bundle import Model
+    from models.params import init_random
+
+    real = models.load("smollm2")
+    config = dataclasses.replace(real.config, max_position_embeddings=max(max_len, real.config.max_position_embeddings))
+    return Model(config=config, params=init_random(config, jax.random.key(0)), tokenizer=real.tokenizer, name="smollm2-shape-random")
+
+
+def methods(budget: int) -> dict[str, Any]:
+    from kvjax import ClusterKV, Full, Quest, StreamingLLM
+
+    return {
+        "full": Full(),
+        "streaming_llm": StreamingLLM(budget=budget),
+        "quest": Quest(budget=budget),
+        "clusterkv_xla": ClusterKV(budget=budget),
+        "clusterkv_pallas": ClusterKV(budget=budget, impl="pallas"),
+    }
+
+
+def random_prefill(model, context: int, extra: int, seed: int):
+    """A `Prefilled` whose dense cache holds `context` random tokens' keys/values."""
+    from kvjax import Full, init_cache
+    from kvjax.cache import Cache, CacheSpec
+    from kvjax.generation import CAPACITY_ROUND, Prefilled, prompt_bucket
+
+    c = model.config
+    bucket = prompt_bucket(context)
+    capacity = CAPACITY_ROUND * -(-(bucket + extra) // CAPACITY_ROUND)
+    spec = CacheSpec(batch=1, capacity=capacity, num_layers=c.num_layers, num_heads=c.num_heads,
+                     num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, prompt_capacity=bucket)
+    empty = init_cache(Full(), spec)
+    key = jax.random.key(seed)
+    layers = []
+    for layer in empty.layers:
+        key, kk, kv = jax.random.split(key, 3)
+        valid = (jnp.arange(capacity) < context)[None, None, :, None]
+        layers.append(dataclasses.replace(
+            layer,
+            k=jnp.where(valid, jax.random.normal(kk, layer.k.shape), 0.0),
+            v=jnp.where(valid, jax.random.normal(kv, layer.v.shape), 0.0),
+        ))
+    cache = Cache(layers=tuple(layers), lengths=jnp.array([context], jnp.int32))
+    logits = jax.random.normal(key, (1, c.vocab_size))
+    return Prefilled(logits, cache, spec, bucket, 0.0, 0.0)
+
+
+def time_decode(model, method, context: int, steps: int, seed: int) -> dict[str, Any]:
+    """Convert a random dense prompt cache to `method` and decode `steps` tokens."""
+    from kvjax import Full
+    from kvjax.generation import _decode_from, convert
+
+    pre = random_prefill(model, context, steps + 1, seed)
+    t0 = time.perf_counter()
+    if method != Full():
+        pre = convert(pre, method)
+    build_s = time.perf_counter() - t0 - pre.compile_s
+    out = _decode_from(model, pre, method, [[0] * context], [[]], False, steps, 0.0, 1.0, 0)
+    return {"index_build_s": build_s if method != Full() else 0.0,
+            "decode_ms_per_token": out.stats["decode_ms_per_step"],
+            "device_kv_bytes": out.stats["device_kv_bytes"]}
+
+
+def time_prefill(model, length: int) -> float:
+    """Seconds of a real dense prefill of `length` random token ids (compilation excluded)."""
+    from kvjax import Full
+    from kvjax.generation import prefill
+
+    ids = np.random.default_rng(0).integers(100, 40000, size=length).tolist()
+    prefill(model, [ids], Full(), extra_tokens=1)  # compile
+    return prefill(model, [ids], Full(), extra_tokens=1).prefill_s
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    names = [n for n in METHOD_NAMES if any(n in r["methods"] for r in rows)]
+    head = "| context | " + " | ".join(f"{n} ms/tok" for n in names) + " | Full / ClusterKV | ClusterKV / StreamingLLM | clustering / prefill |"
+    lines = [head, "|" + "---:|" * (len(names) + 4)]
+    for r in rows:
+        m = r["methods"]
+        cells = [f"{m[n]['decode_ms_per_token']:.1f}" if n in m else "-" for n in names]
+        ckv = m.get("clusterkv_xla", {}).get("decode_ms_per_token")
+        ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"
+        share = r.get("clustering_share_of_prefill")
+        lines.append(f"| {r['context']} | " + " | ".join(cells)
+                     + f" | {ratio(m['full']['decode_ms_per_token'], ckv)}"
+                     + f" | {ratio(ckv, m.get('streaming_llm', {}).get('decode_ms_per_token'))}"
+                     + f" | {'-' if share is None else f'{100 * share:.1f}%'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import datetime
+    import json
+    import sys
+    from pathlib import Path
+
+    from kvjax.environment import environment
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
+    p.add_argument("--budget", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per method")
+    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
+    p.add_argument("--pallas-max-context", type=int, default=4096,
+                   help="skip clusterkv_pallas above this context (interpret mode on CPU is slow)")
+    p.add_argument("--prefill-lengths", type=int, nargs="*", default=[4096],
+                   help="contexts at which a real dense prefill is timed for the clustering share")
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args(argv)
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)
+    env = environment()
+    model = smollm2_shaped(max(args.contexts) + args.steps + 64)
+    all_methods = methods(args.budget)
+    rows = []
+    for context in args.contexts:
+        row: dict[str, Any] = {"context": context, "methods": {}}
+        for name in args.methods:
+            if name == "clusterkv_pallas" and jax.default_backend() == "cpu" and context > args.pallas_max_context:
+                continue
+            res = time_decode(model, all_methods[name], context, args.steps, seed=context)
+            row["methods"][name] = res
+            log(f"{context:>6} {name:>16}: {res['decode_ms_per_token']:.1f} ms/token, index "
+                f"{res['index_build_s']:.2f} s, device KV {res['device_kv_bytes'] / 2**20:.0f} MiB")
+        if context in args.prefill_lengths and "clusterkv_xla" in row["methods"]:
+            row["dense_prefill_s"] = time_prefill(model, context)
+            row["clustering_share_of_prefill"] = row["methods"]["clusterkv_xla"]["index_build_s"] / row["dense_prefill_s"]
+            log(f"{context:>6} dense prefill {row['dense_prefill_s']:.1f} s, clustering share "
+                f"{100 * row['clustering_share_of_prefill']:.1f}%")
+        rows.append(row)
+    output = args.output or Path(__file__).parent / "results" / f"method_speed-{env['backend']}-{datetime.date.today()}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({
+        "benchmark": "method_speed",
+        "environment": env,
+        "settings": {"model": model.name, "budget": args.budget, "decode_steps": args.steps,
+                     "methods": {n: all_methods[n].describe() for n in args.methods},
+                     "cache_contents": "random normal keys/values (no real prefill); see module docstring",
+                     "pallas_on_cpu": "interpret mode", "pallas_max_context": args.pallas_max_context},
+        "rows": rows,
+    }, indent=2) + "\n")
+    log(f"# wrote {output}")
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
