@@ -172,9 +172,17 @@ class ClusterKV(SparseMethod):
             return cache  # no room for window clusters: the window is the whole decode
         room = cache.first_window_cluster + self.window_clusters * (cache.windows + 1)
         full = (lengths - cache.window_start >= self.window) & (room <= cache.sizes.shape[2])
-        return jax.lax.cond(
-            jnp.any(full), lambda c: self._cluster_window(layer, c, full), lambda c: c, cache
-        )
+        # Only the index goes through the cond (the KV buffers are read, never returned), so
+        # the cache is not copied on the steps that do not cluster.
+        fields = ("centroids", "sizes", "order", "window_start", "windows")
+
+        def cluster(k, *index):
+            updated = self._cluster_window(layer, cache.replace(k=k, **dict(zip(fields, index))), full)
+            return tuple(getattr(updated, f) for f in fields)
+
+        index = jax.lax.cond(jnp.any(full), cluster, lambda k, *index: index, cache.k,
+                             *(getattr(cache, f) for f in fields))
+        return cache.replace(**dict(zip(fields, index)))
 
     def select(self, q, cache: ClusterLayerCache):
         """Positions [B, Hq, budget - sink] of the selected tokens and their validity."""
@@ -196,9 +204,10 @@ class ClusterKV(SparseMethod):
         before = jnp.take_along_axis(ends - ranked_sizes, rank, axis=-1)
         sorted_slot = jnp.take_along_axis(ranked_starts, rank, axis=-1) + slots - before
         valid = slots[None, None, :] < ends[..., -1:]
-        order = jnp.repeat(cache.order, g, axis=1)
-        sorted_slot = jnp.clip(sorted_slot, 0, order.shape[-1] - 1)
-        return jnp.take_along_axis(order, sorted_slot, axis=-1), valid
+        # Look the slots up in the KV head's sorted positions (no per-query-head copy).
+        sorted_slot = jnp.clip(sorted_slot, 0, cache.order.shape[-1] - 1).reshape(b, hkv, -1)
+        positions = jnp.take_along_axis(cache.order, sorted_slot, axis=-1).reshape(b, hq, -1)
+        return positions, valid
 
     def sparse_attend(self, layer, cache: ClusterLayerCache, q, k, v, lengths):
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
