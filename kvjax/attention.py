@@ -12,9 +12,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-# Masked scores use a large finite negative instead of -inf so that a fully masked row stays
-# finite (padding rows) instead of producing NaN.
-MASKED = -1e30
+from pallas_kernels import MASKED  # finite "masked" score shared with the kernels' parts (no NaN rows)
 
 # A piece of one decode step's attention: (out [B, Hq, d] normalised over the piece,
 # lse [B, Hq] log-sum-exp of its scaled scores). Disjoint pieces merge exactly.

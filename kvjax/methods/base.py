@@ -62,6 +62,11 @@ def write_token(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Arr
     )
 
 
+def read_tokens(buffer: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    """Read `size` consecutive slots per sequence: buffer [B, H, S, d], start [B] -> [B, H, size, d]."""
+    return jax.vmap(lambda buf, s: jax.lax.dynamic_slice_in_dim(buf, s, size, axis=1))(buffer, start)
+
+
 def to_head_major(x: jax.Array, dtype) -> jax.Array:
     """[B, T, H, d] -> [B, H, T, d] in the cache dtype."""
     return x.transpose(0, 2, 1, 3).astype(dtype)

@@ -25,7 +25,7 @@ import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import CacheSpec
 from kvjax.clustering import INITS, cluster_keys
-from kvjax.methods.base import check_int, empty_kv, write_prompt, write_token
+from kvjax.methods.base import check_int, empty_kv, read_tokens, write_prompt, write_token
 from kvjax.methods.sparse import SparseMethod
 
 SELECTIONS = ("query_head", "kv_head")
@@ -146,8 +146,7 @@ class ClusterKV(SparseMethod):
         """Cluster the full windows (rows where `full`) and append them to the index."""
         w, c_new = self.window, self.window_clusters
         start = cache.window_start
-        take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, w, axis=1))
-        keys = take(cache.k, start)
+        keys = read_tokens(cache.k, start, w)
         b = keys.shape[0]
         count = jnp.full((b,), w, jnp.int32)
         centroids, sizes, order = self._cluster(
@@ -223,10 +222,9 @@ class ClusterKV(SparseMethod):
             sink_valid = jnp.arange(self.sink)[None, :] < lengths[:, None]
             parts.append(attention_part(q, cache.k[:, :, : self.sink], cache.v[:, :, : self.sink], sink_valid))
         start = jnp.clip(cache.window_start, 0, slots - w)
-        take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, w, axis=1))
         pos = start[:, None] + jnp.arange(w)
         window_valid = (pos >= cache.window_start[:, None]) & (pos < lengths[:, None])
-        parts.append(attention_part(q, take(cache.k, start), take(cache.v, start), window_valid))
+        parts.append(attention_part(q, read_tokens(cache.k, start, w), read_tokens(cache.v, start, w), window_valid))
         out = merge_parts(parts)
         return out.astype(q.dtype), cache.replace(
             k=write_token(cache.k, lengths, k), v=write_token(cache.v, lengths, v)

@@ -17,7 +17,7 @@ from flax import struct
 import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import CacheSpec
-from kvjax.methods.base import check_int, empty_kv, write_prompt, write_token
+from kvjax.methods.base import check_int, empty_kv, read_tokens, write_prompt, write_token
 from kvjax.methods.sparse import SparseMethod
 from kvjax.pages import add_token, full_pages, prompt_digests
 
@@ -87,11 +87,9 @@ class Quest(SparseMethod):
         )
         # The partial page: tokens of the current page before the current token.
         start = (lengths // self.page_size) * self.page_size
-        take = lambda x: jax.vmap(
-            lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, self.page_size, axis=1)
-        )(x, start)
         partial_valid = start[:, None] + jnp.arange(self.page_size) < lengths[:, None]
-        partial = attention_part(q, take(cache.k), take(cache.v), partial_valid)
+        partial = attention_part(q, read_tokens(cache.k, start, self.page_size),
+                                 read_tokens(cache.v, start, self.page_size), partial_valid)
         out = merge_parts([chosen, partial, current_token_part(q, k, v)])
         lo, hi = add_token(cache.page_min, cache.page_max, k, lengths, self.page_size)
         return out.astype(q.dtype), PagedLayerCache(
