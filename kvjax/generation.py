@@ -25,6 +25,7 @@ from kvjax.cache import Cache, CacheSpec, init_cache, kv_bytes
 from kvjax.compat import compiler_options
 from kvjax.methods import Full, Method
 from kvjax.methods.full import DenseLayerCache
+from kvjax.methods.base import prefix_sum
 from models.bundle import Model
 from models.config import ModelConfig
 from models.llama import forward
@@ -84,7 +85,7 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: ja
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    keep = (prefix_sum(probs) - probs) < top_p
     choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 

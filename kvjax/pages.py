@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvjax.methods.base import read_tokens, write_token
+
 
 def prompt_digests(k: jax.Array, lengths: jax.Array, page_size: int) -> tuple[jax.Array, jax.Array]:
     """Digests of a right-padded prompt's pages: k [B, Hkv, T, d] (T a multiple of
@@ -34,9 +36,8 @@ def add_token(
     kf = k.astype(jnp.float32)
 
     def fold(digest, combine):
-        old = jax.vmap(lambda x, j: x[:, j])(digest, page)  # [B, Hkv, d]
-        new = jnp.where(first, kf, combine(old, kf))
-        return jax.vmap(lambda x, j, y: x.at[:, j].set(y))(digest, page, new)
+        old = read_tokens(digest, page, 1)[:, :, 0]  # [B, Hkv, d]
+        return write_token(digest, page, jnp.where(first, kf, combine(old, kf)))
 
     return fold(page_min, jnp.minimum), fold(page_max, jnp.maximum)
 

@@ -46,20 +46,25 @@ def sparse_decode_attention_reference(
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
     n = indices.shape[-1]
-    blocks = lambda x: x.reshape(b, hkv, s // block_size, block_size, d)
     # Gather per query head: [B, Hq, n, block, d] (what the Pallas kernel avoids materialising).
+    # A take of whole blocks from the flattened cache: XLA CPU turns a multi-index gather
+    # fused with the score contraction into a slow strided loop.
     head_kv = jnp.repeat(jnp.arange(hkv), g)
-    rows = jnp.arange(b)[:, None, None]
-    kg = blocks(k)[rows, head_kv[None, :, None], indices].astype(jnp.float32)
-    vg = blocks(v)[rows, head_kv[None, :, None], indices].astype(jnp.float32)
+    first_block = (jnp.arange(b)[:, None] * hkv + head_kv[None, :]) * (s // block_size)  # [B, Hq]
+    blocks = s // block_size
+    local = jnp.where(indices < 0, indices + blocks, indices)  # negative indices wrap, as in jnp
+    rows = (first_block[..., None] + local).reshape(-1)
+    gather = lambda x: jnp.take(x.reshape(-1, block_size, d), rows, axis=0, mode="clip").reshape(
+        b, hq, n * block_size, d).astype(jnp.float32)
+    kg, vg = gather(k), gather(v)
     scale = 1.0 / jnp.sqrt(jnp.float32(d))
-    scores = jnp.einsum("bhd,bhnkd->bhnk", q.astype(jnp.float32), kg) * scale
-    mask = valid if valid.ndim == 4 else jnp.broadcast_to(valid[..., None], scores.shape)
-    scores = jnp.where(mask, scores, MASKED).reshape(b, hq, n * block_size)
+    scores = jnp.einsum("bhd,bhsd->bhs", q.astype(jnp.float32), kg) * scale
+    mask = valid if valid.ndim == 4 else jnp.broadcast_to(valid[..., None], (b, hq, n, block_size))
+    scores = jnp.where(mask.reshape(b, hq, n * block_size), scores, MASKED)
     m = scores.max(axis=-1)
     p = jnp.exp(scores - m[..., None])
     total = p.sum(axis=-1)
-    out = jnp.einsum("bhs,bhsd->bhd", p, vg.reshape(b, hq, n * block_size, d)) / total[..., None]
+    out = jnp.einsum("bhs,bhsd->bhd", p, vg) / total[..., None]
     return out, m + jnp.log(total)
 
 

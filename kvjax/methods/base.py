@@ -55,11 +55,34 @@ class Method:
         return {"method": self.name, **dataclasses.asdict(self)}
 
 
+def write_tokens(buffer: jax.Array, start: jax.Array, values: jax.Array) -> jax.Array:
+    """Write n consecutive tokens per row and head.
+
+    buffer [B, H, S, d]; start [B] or [B, H] first slot; values [B, H, n, d]. A scatter, not
+    a vmapped dynamic_update_slice: XLA lowers the latter with per-row starts to a select
+    over the whole buffer (a full-cache pass per decode step); the scatter updates B*H*n
+    rows in place. Out-of-range slots are dropped (generate checks capacity before
+    decoding, so this never hides a write).
+    """
+    b, h, n, _ = values.shape
+    start = jnp.broadcast_to(start.reshape(b, -1), (b, h))
+    slots = start[..., None] + jnp.arange(n)  # [B, H, n]
+    rows, heads = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+    return buffer.at[rows, heads, slots].set(values.astype(buffer.dtype), mode="drop")
+
+
 def write_token(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
     """Write one token per sequence: buffer [B, H, S, d], slot [B], value [B, H, d]."""
-    return jax.vmap(lambda buf, s, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], s, axis=1))(
-        buffer, slot, value
-    )
+    return write_tokens(buffer, slot, value[:, :, None])
+
+
+def prefix_sum(x: jax.Array) -> jax.Array:
+    """Inclusive cumulative sum over the last axis in O(n log n) work.
+
+    `jnp.cumsum` lowers to a reduce-window on CPU, which costs O(n^2) for n elements;
+    selection computes several prefix sums over hundreds to thousands of entries per step.
+    """
+    return jax.lax.associative_scan(jnp.add, x, axis=-1)
 
 
 def read_tokens(buffer: jax.Array, start: jax.Array, size: int) -> jax.Array:

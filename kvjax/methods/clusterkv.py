@@ -3,7 +3,10 @@
 Per sparse layer and KV head the prompt's keys after the `sink` first tokens are clustered
 with cosine K-means (`ceil(n / tokens_per_cluster)` clusters). The index keeps the token
 positions sorted by (cluster, position) with each cluster's size, so a cluster is a
-contiguous run of the sorted positions. At a decode step each query head scores the
+contiguous run of the sorted positions; the KV buffers hold the clustered tokens in that same
+order (slot `sink + i` holds the token at `order[i]`), so recalling a cluster reads one
+contiguous run of the cache instead of scattered rows (5-8x faster gathers on CPU, and
+contiguous copies for host recall). At a decode step each query head scores the
 centroids by raw dot product, ranks them with an exact sort and fills `budget - sink` slots
 with whole clusters in rank order (the last one truncated to its lowest positions). Tokens
 generated after the prompt form a window that is always attended; every `window` tokens it is
@@ -25,7 +28,15 @@ import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import CacheSpec
 from kvjax.clustering import INITS, cluster_keys
-from kvjax.methods.base import check_int, empty_kv, read_tokens, write_prompt, write_token
+from kvjax.methods.base import (
+    check_int,
+    empty_kv,
+    prefix_sum,
+    read_tokens,
+    write_prompt,
+    write_token,
+    write_tokens,
+)
 from kvjax.methods.sparse import SparseMethod
 
 SELECTIONS = ("query_head", "kv_head")
@@ -33,11 +44,11 @@ SELECTIONS = ("query_head", "kv_head")
 
 @struct.dataclass
 class ClusterLayerCache:
-    k: jax.Array  # [B, Hkv, S, d], slot == position
+    k: jax.Array  # [B, Hkv, S, d]: sinks, clustered tokens in index order, window by position
     v: jax.Array
     centroids: jax.Array  # [B, Hkv, C, d] float32: prompt clusters, then window clusters
     sizes: jax.Array  # [B, Hkv, C] int32 (0: empty or unused)
-    order: jax.Array  # [B, Hkv, S - sink] int32 positions sorted by (cluster, position)
+    order: jax.Array  # [B, Hkv, S - sink] int32 position of the token in slot sink + i
     window_start: jax.Array  # [B] int32 first position of the unclustered window
     windows: jax.Array  # [B] int32 windows clustered so far
     first_window_cluster: int = struct.field(pytree_node=False)  # ids before: prompt clusters
@@ -134,7 +145,10 @@ class ClusterKV(SparseMethod):
         num_clusters = -(-count // self.tokens_per_cluster)
         centroids, sizes, order = self._cluster(kh[:, :, self.sink:], count, num_clusters,
                                                 max_clusters, layer, salt=0)
+        in_order = lambda x: jnp.take_along_axis(x[:, :, self.sink:t], order[..., None], axis=2)
         return cache.replace(
+            k=new_k.at[:, :, self.sink:t].set(in_order(new_k)),
+            v=new_v.at[:, :, self.sink:t].set(in_order(new_v)),
             centroids=cache.centroids.at[:, :, :max_clusters].set(centroids),
             sizes=cache.sizes.at[:, :, :max_clusters].set(sizes),
             order=cache.order.at[:, :, :n].set(order + self.sink),
@@ -143,7 +157,12 @@ class ClusterKV(SparseMethod):
     # -- decode ------------------------------------------------------------------------------
 
     def _cluster_window(self, layer, cache: ClusterLayerCache, full):
-        """Cluster the full windows (rows where `full`) and append them to the index."""
+        """Cluster the full windows (rows where `full`) and append them to the index.
+
+        The window's tokens move to the slots after the indexed ones, in index order. Those
+        slots are the window's own unless NaN/Inf keys were left out of the index, and
+        nothing reads the window's old slots once it is clustered.
+        """
         w, c_new = self.window, self.window_clusters
         start = cache.window_start
         keys = read_tokens(cache.k, start, w)
@@ -157,7 +176,11 @@ class ClusterKV(SparseMethod):
         put = jax.vmap(lambda x, y, i: jax.lax.dynamic_update_slice_in_dim(x, y, i, axis=1))
         put_row = jax.vmap(jax.vmap(lambda x, y, i: jax.lax.dynamic_update_slice_in_dim(x, y, i, 0)))
         keep = lambda new, old: jnp.where(full.reshape((b,) + (1,) * (old.ndim - 1)), new, old)
+        dest = jnp.where(full[:, None], self.sink + offset, cache.k.shape[2])  # out of range: dropped
+        move = lambda x: write_tokens(x, dest, jnp.take_along_axis(read_tokens(x, start, w), order[..., None], axis=2))
         return cache.replace(
+            k=move(cache.k),
+            v=move(cache.v),
             centroids=keep(put(cache.centroids, centroids, ids), cache.centroids),
             sizes=keep(put(cache.sizes, sizes, ids), cache.sizes),
             order=keep(put_row(cache.order, order + start[:, None, None], offset), cache.order),
@@ -171,20 +194,28 @@ class ClusterKV(SparseMethod):
             return cache  # no room for window clusters: the window is the whole decode
         room = cache.first_window_cluster + self.window_clusters * (cache.windows + 1)
         full = (lengths - cache.window_start >= self.window) & (room <= cache.sizes.shape[2])
-        # Only the index goes through the cond (the KV buffers are read, never returned), so
-        # the cache is not copied on the steps that do not cluster.
-        fields = ("centroids", "sizes", "order", "window_start", "windows")
-
-        def cluster(k, *index):
-            updated = self._cluster_window(layer, cache.replace(k=k, **dict(zip(fields, index))), full)
-            return tuple(getattr(updated, f) for f in fields)
-
-        index = jax.lax.cond(jnp.any(full), cluster, lambda k, *index: index, cache.k,
-                             *(getattr(cache, f) for f in fields))
-        return cache.replace(**dict(zip(fields, index)))
+        # The cache is donated, so the untaken branch passes the buffers through uncopied.
+        return jax.lax.cond(jnp.any(full), lambda c: self._cluster_window(layer, c, full), lambda c: c, cache)
 
     def select(self, q, cache: ClusterLayerCache):
         """Positions [B, Hq, budget - sink] of the selected tokens and their validity."""
+        index, valid = self.select_index(q, cache)
+        b, hq, n = index.shape
+        hkv = cache.order.shape[1]
+        # Look the slots up in the KV head's sorted positions (no per-query-head copy).
+        positions = jnp.take_along_axis(cache.order, index.reshape(b, hkv, -1), axis=-1)
+        return positions.reshape(b, hq, n), valid
+
+    def select_index(self, q, cache: ClusterLayerCache):
+        """Index entries [B, Hq, budget - sink] of the selected tokens (their cache slot minus
+        `sink`) and their validity.
+
+        Ranking all C clusters is an exact sort, but XLA's CPU sort is slow; the budget is
+        usually filled by the first few ranked clusters. So the top `candidates` clusters
+        come from `lax.top_k` (same order as a stable descending sort, ties to the lower
+        cluster id), and only when they do not fill the budget for some head does a
+        `lax.cond` fall back to ranking every cluster. Both paths give the same result.
+        """
         b, hq, _ = q.shape
         hkv = cache.k.shape[1]
         g = hq // hkv
@@ -192,30 +223,43 @@ class ClusterKV(SparseMethod):
         if self.selection == "kv_head":
             scores = jnp.repeat(scores.reshape(b, hkv, g, -1).mean(axis=2), g, axis=1)
         sizes = jnp.repeat(cache.sizes, g, axis=1)  # [B, Hq, C]
-        starts = jnp.cumsum(sizes, axis=-1) - sizes
-        ranked = jnp.argsort(-scores, axis=-1, stable=True)
-        ranked_sizes = jnp.take_along_axis(sizes, ranked, axis=-1)
-        ranked_starts = jnp.take_along_axis(starts, ranked, axis=-1)
-        ends = jnp.cumsum(ranked_sizes, axis=-1)
-        slots = jnp.arange(self.budget - self.sink, dtype=jnp.int32)
-        search = jax.vmap(lambda e: jnp.searchsorted(e, slots, side="right"))
-        rank = jnp.minimum(search(ends.reshape(b * hq, -1)).reshape(b, hq, -1), ends.shape[-1] - 1)
-        before = jnp.take_along_axis(ends - ranked_sizes, rank, axis=-1)
-        sorted_slot = jnp.take_along_axis(ranked_starts, rank, axis=-1) + slots - before
-        valid = slots[None, None, :] < ends[..., -1:]
-        # Look the slots up in the KV head's sorted positions (no per-query-head copy).
-        sorted_slot = jnp.clip(sorted_slot, 0, cache.order.shape[-1] - 1).reshape(b, hkv, -1)
-        positions = jnp.take_along_axis(cache.order, sorted_slot, axis=-1).reshape(b, hq, -1)
-        return positions, valid
+        starts = prefix_sum(sizes) - sizes
+        n = self.budget - self.sink
+        num_clusters = scores.shape[-1]
+        candidates = min(num_clusters, 2 * -(-n // self.tokens_per_cluster) + 32)
+
+        def fill(ranked):
+            """Fill the budget from clusters in `ranked` order: (sorted slots, validity)."""
+            ranked_sizes = jnp.take_along_axis(sizes, ranked, axis=-1)
+            ranked_starts = jnp.take_along_axis(starts, ranked, axis=-1)
+            ends = prefix_sum(ranked_sizes)
+            slots = jnp.arange(n, dtype=jnp.int32)
+            # Rank holding each slot = number of clusters ending at or before it.
+            marks = jnp.zeros((b, hq, n + 1), jnp.int32).at[
+                jnp.arange(b)[:, None, None], jnp.arange(hq)[None, :, None], jnp.minimum(ends, n)
+            ].add(1)
+            rank = jnp.minimum(prefix_sum(marks)[..., :n], ranked.shape[-1] - 1)
+            before = jnp.take_along_axis(ends - ranked_sizes, rank, axis=-1)
+            sorted_slot = jnp.take_along_axis(ranked_starts, rank, axis=-1) + slots - before
+            return sorted_slot, slots[None, None, :] < ends[..., -1:]
+
+        rank_all = lambda: fill(jax.lax.top_k(scores, num_clusters)[1])
+        if candidates == num_clusters:
+            sorted_slot, valid = rank_all()
+        else:
+            best = jax.lax.top_k(scores, candidates)[1]
+            covered = jnp.take_along_axis(sizes, best, axis=-1).sum(axis=-1) >= jnp.minimum(n, sizes.sum(axis=-1))
+            sorted_slot, valid = jax.lax.cond(jnp.all(covered), lambda: fill(best), rank_all)
+        return jnp.clip(sorted_slot, 0, cache.order.shape[-1] - 1), valid
 
     def sparse_attend(self, layer, cache: ClusterLayerCache, q, k, v, lengths):
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         slots = cache.k.shape[2]
         w = min(self.window, slots)
         cache = self.cluster_full_windows(layer, cache, lengths)
-        positions, selected = self.select(q, cache)
+        index, selected = self.select_index(q, cache)
         parts = [
-            pk.sparse_decode_attention(q, cache.k, cache.v, positions, selected, impl=self.impl),
+            pk.sparse_decode_attention(q, cache.k, cache.v, self.sink + index, selected, impl=self.impl),
             current_token_part(q, k, v),
         ]
         if self.sink:

@@ -275,6 +275,34 @@ def test_window_is_clustered_and_appended_every_window_tokens():
             assert sizes[b, h].sum() == n0 + 12
             indexed = order[b, h, : n0 + 12]
             np.testing.assert_array_equal(np.sort(indexed), np.arange(2, 2 + n0 + 12))
+            # The cache holds the indexed tokens in index order: slot sink + i has order[i].
+            np.testing.assert_array_equal(np.asarray(cache.k)[b, h, 2 : 2 + n0 + 12], k[b, indexed, h])
+            np.testing.assert_array_equal(np.asarray(cache.v)[b, h, 2 : 2 + n0 + 12], k[b, indexed, h])
+
+
+def test_nan_prompt_keys_are_left_out_and_windows_stay_contiguous():
+    """A NaN key is in no cluster: the index (and the cache order) skip it, windows follow."""
+    method = ClusterKV(budget=16, sink=2, tokens_per_cluster=4, window=6, window_clusters=2, dense_layers=0)
+    rng = np.random.default_rng(1)
+    total, n_prompt = 40, 20
+    k = rng.standard_normal((1, total, HKV, D)).astype(np.float32)
+    k[0, 7, 1] = np.nan  # one head's key at position 7
+    cache = init_cache(method, dataclasses.replace(spec(1, total), prompt_capacity=n_prompt)).layers[0]
+    q = rng.standard_normal((1, n_prompt, HQ, D)).astype(np.float32)
+    _, cache = method.prefill(0, cache, jnp.asarray(q), jnp.asarray(k[:, :n_prompt]), jnp.asarray(k[:, :n_prompt]),
+                              jnp.asarray([n_prompt]))
+    attend = jax.jit(lambda *args: method.attend(0, *args))
+    for t in range(n_prompt, n_prompt + 7):
+        qt = rng.standard_normal((1, HQ, D)).astype(np.float32)
+        out, cache = attend(cache, jnp.asarray(qt), jnp.asarray(k[:, t]), jnp.asarray(k[:, t]), jnp.asarray([t]))
+        assert np.isfinite(np.asarray(out)).all()
+    sizes, order = np.asarray(cache.sizes)[0], np.asarray(cache.order)[0]
+    np.testing.assert_array_equal(sizes.sum(-1), [24 - (h == 1) for h in range(HKV)])
+    for h in range(HKV):
+        indexed = order[h, : sizes[h].sum()]
+        expected = [p for p in range(2, 26) if not (h == 1 and p == 7)]
+        np.testing.assert_array_equal(np.sort(indexed), expected)
+        np.testing.assert_array_equal(np.asarray(cache.k)[0, h, 2 : 2 + len(indexed)], k[0, indexed, h])
 
 
 def test_covering_budget_equals_full():
