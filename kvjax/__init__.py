@@ -5,7 +5,7 @@ Front (uses `models`): `kvjax.generate`, `kvjax.eval`, the `kvjax` CLI.
 """
 
 from kvjax.cache import Cache, CacheSpec, init_cache, kv_bytes
-from kvjax.methods import ClusterKV, Full, Method, Quest, StreamingLLM
+from kvjax.methods import ClusterKV, FreeKV, Full, Method, Quest, StreamingLLM
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "Cache",
     "CacheSpec",
     "ClusterKV",
+    "FreeKV",
     "Full",
     "GenerationOutput",
     "Method",

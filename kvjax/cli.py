@@ -22,6 +22,7 @@ METHOD_HYPERPARAMETERS = {
     "init": str,
     "kmeans_seed": int,
     "impl": str,
+    "offload": bool,  # --offload / --no-offload
 }
 
 
@@ -34,7 +35,8 @@ def _add_method_args(p: argparse.ArgumentParser, multiple: bool = False) -> None
     else:
         p.add_argument("--method", default="full", choices=sorted(METHODS), help="KV-cache method")
     for name, typ in METHOD_HYPERPARAMETERS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None,
+        kind = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": typ}
+        p.add_argument(f"--{name.replace('_', '-')}", **kind, default=None,
                        help=f"method hyperparameter {name} (method default when omitted)")
 
 

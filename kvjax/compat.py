@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax.experimental.compute_on import compute_on
 
 
 def compiler_options() -> dict[str, Any]:
@@ -21,3 +23,36 @@ def compiler_options() -> dict[str, Any]:
     if jax.default_backend() == "cpu":
         return {"xla_cpu_copy_insertion_use_region_analysis": True}
     return {}
+
+
+def to_host(x: jax.Array) -> jax.Array:
+    """Move an array to host memory (`pinned_host`), inside or outside jit."""
+    return jax.device_put(x, jax.memory.Space.Host)
+
+
+def to_device(x: jax.Array) -> jax.Array:
+    """Move an array to device memory, inside or outside jit (a host -> device copy)."""
+    return jax.device_put(x, jax.memory.Space.Device)
+
+
+def host_take(host: jax.Array, rows: jax.Array) -> jax.Array:
+    """Rows of a host-memory array, copied to device memory; only those rows cross.
+
+    host: [..., d] in `pinned_host`, viewed as [N, d]; rows: [n] int32 row numbers of that
+    view (clamped into range). Returns [n, d] in device memory. The gather runs on the host
+    (XLA's `device_host` compute type), where all its operands must live: do index
+    arithmetic before the call.
+    """
+    rows = to_host(rows)
+    with compute_on("device_host"):
+        picked = jnp.take(host.reshape(-1, host.shape[-1]), rows, axis=0, mode="clip")
+    return to_device(picked)
+
+
+def host_put(host: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+    """`host` with rows `rows` ([n] row numbers of its [N, d] view) set to `values` [n, d],
+    updated in host memory (the values cross device -> host). Out-of-range rows are dropped."""
+    rows, values = to_host(rows), to_host(values.astype(host.dtype))
+    with compute_on("device_host"):
+        flat = host.reshape(-1, host.shape[-1]).at[rows].set(values, mode="drop")
+    return flat.reshape(host.shape)

@@ -407,6 +407,7 @@ def _decode_from(
         "host_kv_bytes": host_bytes,
         "method": method.describe(),
     }
+    stats.update(method.decode_stats(cache))
     if batched:
         return GenerationOutput(text=texts, tokens=generated, stats=stats)
     return GenerationOutput(text=texts[0], tokens=generated[0], stats=stats)

@@ -7,6 +7,7 @@ from typing import Any
 
 from kvjax.methods.base import Method
 from kvjax.methods.clusterkv import ClusterKV
+from kvjax.methods.freekv import FreeKV
 from kvjax.methods.full import Full
 from kvjax.methods.quest import Quest
 from kvjax.methods.streaming_llm import StreamingLLM
@@ -16,6 +17,7 @@ METHODS: dict[str, type[Method]] = {
     "streaming_llm": StreamingLLM,
     "quest": Quest,
     "clusterkv": ClusterKV,
+    "freekv": FreeKV,
 }
 
 
@@ -33,4 +35,4 @@ def make_method(name: str, **hyperparameters: Any) -> Method:
     return cls(**given)
 
 
-__all__ = ["METHODS", "ClusterKV", "Full", "Method", "Quest", "StreamingLLM", "make_method"]
+__all__ = ["METHODS", "ClusterKV", "FreeKV", "Full", "Method", "Quest", "StreamingLLM", "make_method"]

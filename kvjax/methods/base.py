@@ -50,6 +50,11 @@ class Method:
     def attend(self, layer: int, cache: Any, q, k, v, lengths) -> tuple[jax.Array, Any]:
         raise NotImplementedError
 
+    def decode_stats(self, cache: Any) -> dict[str, Any]:
+        """Method-specific statistics read from a decoded model-level `Cache` (e.g. FreeKV's
+        correction rate), merged into the generation stats. Default: none."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Name and hyperparameters, for result tables and JSON."""
         return {"method": self.name, **dataclasses.asdict(self)}

@@ -13,6 +13,15 @@ generated after the prompt form a window that is always attended; every `window`
 clustered into `window_clusters` clusters appended to the index.
 
 Attended set per query head: sinks + selected tokens + window + the current token.
+
+**Recall from host** (`offload=True`, section 3 item 7): the clustered tokens live in host
+memory (`pinned_host`), in the same index order. The device keeps the sinks, the window, the
+index (centroids, sizes, order: small) and a recall buffer of `budget - sink` slots per recall
+head (each query head; each KV head with `selection="kv_head"`) holding the previous step's
+selection. A step reuses the tokens of clusters that were selected at the previous step from
+that buffer and copies only the others from the host (a cluster cache with history R = 1).
+Clustered windows are written to the host. Counters in the cache (`HostRecall`) give the
+cluster hit rate and the bytes copied (`ClusterKV.decode_stats`).
 """
 
 from __future__ import annotations
@@ -22,17 +31,20 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import CacheSpec
 from kvjax.clustering import INITS, cluster_keys
+from kvjax.compat import host_put, host_take, to_host
 from kvjax.methods.base import (
     check_int,
     empty_kv,
     prefix_sum,
     read_tokens,
+    to_head_major,
     write_prompt,
     write_token,
     write_tokens,
@@ -40,11 +52,37 @@ from kvjax.methods.base import (
 from kvjax.methods.sparse import SparseMethod
 
 SELECTIONS = ("query_head", "kv_head")
+RECALL_CHUNK = 128  # rows per host -> device transfer (offload): bounds the padding copied
+
+
+@struct.dataclass
+class HostRecall:
+    """`offload=True`: the clustered tokens in host memory and the device recall buffer.
+
+    Recall heads are the query heads (`selection="query_head"`) or the KV heads
+    (`"kv_head"`). The buffer holds the previous step's selection in selection order: the
+    `held[c]` lowest positions of cluster `c` (0: not selected) from slot `held_at[c]` on.
+    Counters are cumulative since the prefill, summed over recall heads.
+    """
+
+    host_k: jax.Array  # [B, Hkv, S - sink, d] pinned_host: clustered tokens in index order
+    host_v: jax.Array
+    k: jax.Array  # [B, Hr, budget - sink, d] device: the recall buffer
+    v: jax.Array
+    held: jax.Array  # [B, Hr, C] int32
+    held_at: jax.Array  # [B, Hr, C] int32
+    selected: jax.Array  # [B] int32 clusters selected
+    hits: jax.Array  # [B] int32 selected clusters that were selected at the previous step
+    copied: jax.Array  # [B] int32 tokens copied host -> device (a K row and a V row each)
+    steps: jax.Array  # [] int32 decode steps
 
 
 @struct.dataclass
 class ClusterLayerCache:
-    k: jax.Array  # [B, Hkv, S, d]: sinks, clustered tokens in index order, window by position
+    # offload=False: [B, Hkv, S, d]: sinks, clustered tokens in index order, window by position.
+    # offload=True: [B, Hkv, sink + W, d]: sinks, then the window (slot sink + i holds
+    # position window_start + i), W = min(window, S - sink); clustered tokens are in `recall`.
+    k: jax.Array
     v: jax.Array
     centroids: jax.Array  # [B, Hkv, C, d] float32: prompt clusters, then window clusters
     sizes: jax.Array  # [B, Hkv, C] int32 (0: empty or unused)
@@ -52,6 +90,7 @@ class ClusterLayerCache:
     window_start: jax.Array  # [B] int32 first position of the unclustered window
     windows: jax.Array  # [B] int32 windows clustered so far
     first_window_cluster: int = struct.field(pytree_node=False)  # ids before: prompt clusters
+    recall: HostRecall | None = None  # offload=True only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +108,7 @@ class ClusterKV(SparseMethod):
     kmeans_seed: int = 0
     dense_layers: int = 2
     impl: str = "xla"
+    offload: bool = False
 
     name = "clusterkv"
 
@@ -87,6 +127,8 @@ class ClusterKV(SparseMethod):
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if spec.capacity <= self.sink:
             raise ValueError(f"sink={self.sink} must be smaller than the cache capacity {spec.capacity}")
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"offload must be True or False, got {self.offload!r}")
 
     # -- static sizes ------------------------------------------------------------------------
 
@@ -99,8 +141,13 @@ class ClusterKV(SparseMethod):
 
     # -- cache -------------------------------------------------------------------------------
 
+    def recall_heads(self, spec: CacheSpec) -> int:
+        """Heads with their own recall buffer (offload): one per distinct selection."""
+        return spec.num_heads if self.selection == "query_head" else spec.num_kv_heads
+
     def sparse_init_cache(self, layer: int, spec: CacheSpec) -> ClusterLayerCache:
-        k, v = empty_kv(spec, spec.capacity)
+        window_slots = min(self.window, spec.capacity - self.sink)
+        k, v = empty_kv(spec, self.sink + window_slots if self.offload else spec.capacity)
         prompt_clusters = self.prompt_clusters(spec.prompt_slots)
         clusters = max(1, prompt_clusters + self.window_clusters * self.max_windows(spec))
         b, h = spec.batch, spec.num_kv_heads
@@ -113,6 +160,19 @@ class ClusterKV(SparseMethod):
             window_start=jnp.zeros((b,), jnp.int32),
             windows=jnp.zeros((b,), jnp.int32),
             first_window_cluster=prompt_clusters,
+            recall=self._init_recall(spec, clusters) if self.offload else None,
+        )
+
+    def _init_recall(self, spec: CacheSpec, clusters: int) -> HostRecall:
+        host_k, host_v = empty_kv(spec, spec.capacity - self.sink)
+        b, hr = spec.batch, self.recall_heads(spec)
+        buffer = (b, hr, self.budget - self.sink, spec.head_dim)
+        count = lambda: jnp.zeros((b,), jnp.int32)
+        return HostRecall(
+            host_k=to_host(host_k), host_v=to_host(host_v),
+            k=jnp.zeros(buffer, spec.dtype), v=jnp.zeros(buffer, spec.dtype),
+            held=jnp.zeros((b, hr, clusters), jnp.int32), held_at=jnp.zeros((b, hr, clusters), jnp.int32),
+            selected=count(), hits=count(), copied=count(), steps=jnp.zeros((), jnp.int32),
         )
 
     def _cluster(self, keys, count, num_clusters, max_clusters, layer, salt):
@@ -131,8 +191,17 @@ class ClusterKV(SparseMethod):
 
     def sparse_ingest(self, layer, cache: ClusterLayerCache, k, v, lengths):
         t = k.shape[1]
-        new_k, new_v = write_prompt(cache.k, k), write_prompt(cache.v, v)
-        kh = new_k[:, :, :t]
+        if self.offload:
+            if t > self.sink + cache.order.shape[2]:
+                raise ValueError(f"prompt of {t} tokens exceeds the cache capacity {self.sink + cache.order.shape[2]}")
+            kh, vh = to_head_major(k, cache.k.dtype), to_head_major(v, cache.v.dtype)
+            sinks = min(self.sink, t)
+            new_k = cache.k.at[:, :, :sinks].set(kh[:, :, :sinks])
+            new_v = cache.v.at[:, :, :sinks].set(vh[:, :, :sinks])
+            cache = cache.replace(recall=_reset_counters(cache.recall))
+        else:
+            new_k, new_v = write_prompt(cache.k, k), write_prompt(cache.v, v)
+            kh, vh = new_k[:, :, :t], new_v[:, :, :t]
         window_start = jnp.maximum(lengths, self.sink).astype(jnp.int32)
         cache = cache.replace(k=new_k, v=new_v, window_start=window_start)
         n = t - self.sink
@@ -146,9 +215,16 @@ class ClusterKV(SparseMethod):
         centroids, sizes, order = self._cluster(kh[:, :, self.sink:], count, num_clusters,
                                                 max_clusters, layer, salt=0)
         in_order = lambda x: jnp.take_along_axis(x[:, :, self.sink:t], order[..., None], axis=2)
+        if self.offload:
+            start = jnp.zeros(kh.shape[:2], jnp.int32)
+            cache = cache.replace(recall=cache.recall.replace(
+                host_k=_write_host(cache.recall.host_k, start, in_order(kh)),
+                host_v=_write_host(cache.recall.host_v, start, in_order(vh)),
+            ))
+        else:
+            cache = cache.replace(k=new_k.at[:, :, self.sink:t].set(in_order(new_k)),
+                                  v=new_v.at[:, :, self.sink:t].set(in_order(new_v)))
         return cache.replace(
-            k=new_k.at[:, :, self.sink:t].set(in_order(new_k)),
-            v=new_v.at[:, :, self.sink:t].set(in_order(new_v)),
             centroids=cache.centroids.at[:, :, :max_clusters].set(centroids),
             sizes=cache.sizes.at[:, :, :max_clusters].set(sizes),
             order=cache.order.at[:, :, :n].set(order + self.sink),
@@ -159,14 +235,15 @@ class ClusterKV(SparseMethod):
     def _cluster_window(self, layer, cache: ClusterLayerCache, full):
         """Cluster the full windows (rows where `full`) and append them to the index.
 
-        The window's tokens move to the slots after the indexed ones, in index order. Those
-        slots are the window's own unless NaN/Inf keys were left out of the index, and
-        nothing reads the window's old slots once it is clustered.
+        The window's tokens move to the slots after the indexed ones, in index order (with
+        offload: the host slots). Those slots are the window's own unless NaN/Inf keys were
+        left out of the index, and nothing reads the window's old slots once it is clustered.
         """
         w, c_new = self.window, self.window_clusters
         start = cache.window_start
-        keys = read_tokens(cache.k, start, w)
-        b = keys.shape[0]
+        b = start.shape[0]
+        first_slot = jnp.full((b,), self.sink, jnp.int32) if self.offload else start  # window's slot 0
+        keys = read_tokens(cache.k, first_slot, w)
         count = jnp.full((b,), w, jnp.int32)
         centroids, sizes, order = self._cluster(
             keys, count, jnp.full((b,), c_new, jnp.int32), c_new, layer, salt=1 + cache.windows[0]
@@ -176,11 +253,18 @@ class ClusterKV(SparseMethod):
         put = jax.vmap(lambda x, y, i: jax.lax.dynamic_update_slice_in_dim(x, y, i, axis=1))
         put_row = jax.vmap(jax.vmap(lambda x, y, i: jax.lax.dynamic_update_slice_in_dim(x, y, i, 0)))
         keep = lambda new, old: jnp.where(full.reshape((b,) + (1,) * (old.ndim - 1)), new, old)
-        dest = jnp.where(full[:, None], self.sink + offset, cache.k.shape[2])  # out of range: dropped
-        move = lambda x: write_tokens(x, dest, jnp.take_along_axis(read_tokens(x, start, w), order[..., None], axis=2))
+        in_order = lambda x: jnp.take_along_axis(read_tokens(x, first_slot, w), order[..., None], axis=2)
+        if self.offload:
+            dest = jnp.where(full[:, None], offset, cache.order.shape[2])  # out of range: dropped
+            cache = cache.replace(recall=cache.recall.replace(
+                host_k=_write_host(cache.recall.host_k, dest, in_order(cache.k)),
+                host_v=_write_host(cache.recall.host_v, dest, in_order(cache.v)),
+            ))
+        else:
+            dest = jnp.where(full[:, None], self.sink + offset, cache.k.shape[2])  # out of range: dropped
+            cache = cache.replace(k=write_tokens(cache.k, dest, in_order(cache.k)),
+                                  v=write_tokens(cache.v, dest, in_order(cache.v)))
         return cache.replace(
-            k=move(cache.k),
-            v=move(cache.v),
             centroids=keep(put(cache.centroids, centroids, ids), cache.centroids),
             sizes=keep(put(cache.sizes, sizes, ids), cache.sizes),
             order=keep(put_row(cache.order, order + start[:, None, None], offset), cache.order),
@@ -255,21 +339,148 @@ class ClusterKV(SparseMethod):
     def sparse_attend(self, layer, cache: ClusterLayerCache, q, k, v, lengths):
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         slots = cache.k.shape[2]
-        w = min(self.window, slots)
         cache = self.cluster_full_windows(layer, cache, lengths)
         index, selected = self.select_index(q, cache)
-        parts = [
-            pk.sparse_decode_attention(q, cache.k, cache.v, self.sink + index, selected, impl=self.impl),
-            current_token_part(q, k, v),
-        ]
+        if self.offload:
+            step = q.shape[1] // cache.recall.k.shape[1]  # kv_head: one selection per group
+            index, selected = index[:, ::step], selected[:, ::step]
+            cache = cache.replace(recall=self._recall(cache, index, selected))
+            chosen = attention_part(q, cache.recall.k, cache.recall.v, selected)
+            # The window sits after the sinks: slot sink + i holds position window_start + i.
+            w = slots - self.sink
+            first_slot, first_pos = jnp.full_like(lengths, self.sink), cache.window_start
+            write_slot = jnp.where(lengths < self.sink, lengths, self.sink + lengths - cache.window_start)
+        else:
+            chosen = pk.sparse_decode_attention(q, cache.k, cache.v, self.sink + index, selected, impl=self.impl)
+            w = min(self.window, slots)
+            first_slot = first_pos = jnp.clip(cache.window_start, 0, slots - w)
+            write_slot = lengths
+        parts = [chosen, current_token_part(q, k, v)]
         if self.sink:
             sink_valid = jnp.arange(self.sink)[None, :] < lengths[:, None]
             parts.append(attention_part(q, cache.k[:, :, : self.sink], cache.v[:, :, : self.sink], sink_valid))
-        start = jnp.clip(cache.window_start, 0, slots - w)
-        pos = start[:, None] + jnp.arange(w)
+        pos = first_pos[:, None] + jnp.arange(w)
         window_valid = (pos >= cache.window_start[:, None]) & (pos < lengths[:, None])
-        parts.append(attention_part(q, read_tokens(cache.k, start, w), read_tokens(cache.v, start, w), window_valid))
+        parts.append(attention_part(q, read_tokens(cache.k, first_slot, w), read_tokens(cache.v, first_slot, w),
+                                    window_valid))
         out = merge_parts(parts)
         return out.astype(q.dtype), cache.replace(
-            k=write_token(cache.k, lengths, k), v=write_token(cache.v, lengths, v)
+            k=write_token(cache.k, write_slot, k), v=write_token(cache.v, write_slot, v)
         )
+
+    def _recall(self, cache: ClusterLayerCache, index, selected) -> HostRecall:
+        """The recall buffer refilled with this step's selection (index entries [B, Hr, n]
+        and validity), the counters updated.
+
+        A selected token is resident when its cluster was selected at the previous step and
+        the buffer holds it (a cluster truncated then may need its next tokens now): it is
+        read from the old buffer. The others are copied from the host.
+        """
+        r = cache.recall
+        b, hr, n = index.shape
+        g = hr // cache.sizes.shape[1]
+        sizes = jnp.repeat(cache.sizes, g, axis=1)  # [B, Hr, C]
+        ends = prefix_sum(sizes)
+        # The cluster of each entry: the first one ending after it (empty clusters never match).
+        cluster = jax.vmap(jax.vmap(lambda e, i: jnp.searchsorted(e, i, side="right")))(ends, index)
+        cluster = jnp.minimum(cluster, sizes.shape[-1] - 1).astype(jnp.int32)
+        at = lambda x: jnp.take_along_axis(x, cluster, axis=-1)
+        offset = index - (at(ends) - at(sizes))  # position inside its cluster
+        held = at(r.held)
+        resident = selected & (offset < held)
+        missed = selected & ~resident
+        first = selected & (offset == 0)  # one slot per selected cluster
+
+        # Resident tokens move inside the buffer (flat rows: a take, fast on CPU).
+        buffer = (jnp.arange(b)[:, None] * hr + jnp.arange(hr)[None, :])[..., None]  # [B, Hr, 1]
+        source = buffer * n + jnp.clip(at(r.held_at) + offset, 0, n - 1)
+        moved = lambda x: jnp.take(x.reshape(-1, x.shape[-1]), source.reshape(-1), axis=0)
+        k, v = self._fetch(r, index, missed, moved(r.k), moved(r.v))
+
+        rows, heads = jnp.arange(b)[:, None, None], jnp.arange(hr)[None, :, None]
+        slots = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), index.shape)
+        count = lambda x: x.sum(axis=(1, 2), dtype=jnp.int32)
+        return r.replace(
+            k=k.reshape(r.k.shape), v=v.reshape(r.v.shape),
+            held=jnp.zeros_like(r.held).at[rows, heads, cluster].add(selected.astype(jnp.int32)),
+            held_at=jnp.zeros_like(r.held_at).at[rows, heads, jnp.where(first, cluster, sizes.shape[-1])].set(
+                slots, mode="drop"),
+            selected=r.selected + count(first),
+            hits=r.hits + count(first & (held > 0)),
+            copied=r.copied + count(missed),
+            steps=r.steps + 1,
+        )
+
+    def _fetch(self, r: HostRecall, index, missed, k, v):
+        """Copy the missed entries ([B, Hr, n] bool) from the host into the flat recall
+        buffers k, v [B * Hr * n, d].
+
+        The missed rows are compacted into one list and copied `RECALL_CHUNK` rows at a
+        time, as many times as needed (none when nothing missed): static shapes, and at most
+        `RECALL_CHUNK - 1` padding rows copied per layer and step.
+        """
+        b, hr, n = index.shape
+        hkv, s = r.host_k.shape[1], r.host_k.shape[2]
+        kv_head = jnp.arange(hr) // (hr // hkv)
+        host_row = ((jnp.arange(b)[:, None] * hkv + kv_head[None, :])[..., None] * s + index).reshape(-1)
+        total = b * hr * n
+        chunk = min(RECALL_CHUNK, total)
+        padded = chunk * -(-total // chunk)
+        flat = missed.reshape(-1)
+        rank = prefix_sum(flat.astype(jnp.int32)) - 1
+        place = jnp.where(flat, rank, padded)  # compacted position of each missed row
+        source = jnp.zeros((padded,), jnp.int32).at[place].set(host_row, mode="drop")
+        dest = jnp.full((padded,), total, jnp.int32).at[place].set(jnp.arange(total, dtype=jnp.int32), mode="drop")
+        misses = rank[-1] + 1
+
+        def copy(carry):
+            i, k, v = carry
+            rows = jax.lax.dynamic_slice_in_dim(source, i * chunk, chunk)
+            to = jax.lax.dynamic_slice_in_dim(dest, i * chunk, chunk)
+            k = k.at[to].set(host_take(r.host_k, rows), mode="drop")
+            v = v.at[to].set(host_take(r.host_v, rows), mode="drop")
+            return i + 1, k, v
+
+        _, k, v = jax.lax.while_loop(lambda c: c[0] * chunk < misses, copy, (jnp.int32(0), k, v))
+        return k, v
+
+    def decode_stats(self, cache) -> dict:
+        """Recall statistics over the sparse layers (offload only), since the prefill.
+
+        `recall_bytes` counts the K and V rows of the tokens copied host -> device, per
+        recall head: tokens * 2 * head_dim * itemsize (padding rows of a partial chunk are
+        not counted). `cluster_hit_rate` = selected clusters that were already selected at
+        the previous step / selected clusters (the first step after a prefill hits none).
+        """
+        recalls = [layer.recall for layer in cache.layers
+                   if isinstance(layer, ClusterLayerCache) and layer.recall is not None]
+        if not recalls:
+            return {}
+        total = lambda name: sum(int(np.asarray(getattr(r, name), np.int64).sum()) for r in recalls)
+        selected, hits = total("selected"), total("hits")
+        recall_bytes = sum(int(np.asarray(r.copied, np.int64).sum()) * 2 * r.k.shape[-1] * r.k.dtype.itemsize
+                           for r in recalls)
+        steps = int(recalls[0].steps)
+        return {
+            "cluster_hit_rate": hits / selected if selected else None,
+            "clusters_selected": selected,
+            "clusters_hit": hits,
+            "recall_bytes": recall_bytes,
+            "recall_bytes_per_step": recall_bytes / steps if steps else None,
+        }
+
+
+def _write_host(host: jax.Array, start: jax.Array, values: jax.Array) -> jax.Array:
+    """`write_tokens` for a host buffer [B, H, S, d]: start [B, H], values [B, H, n, d]
+    (slots past S are dropped)."""
+    b, h, s, d = host.shape
+    slots = start[..., None] + jnp.arange(values.shape[2])
+    rows = (jnp.arange(b)[:, None, None] * h + jnp.arange(h)[None, :, None]) * s + slots
+    return host_put(host, jnp.where(slots < s, rows, b * h * s).reshape(-1), values.reshape(-1, d))
+
+
+def _reset_counters(recall: HostRecall) -> HostRecall:
+    """A new prompt: nothing held in the recall buffer, counters from zero."""
+    zero = jnp.zeros_like
+    return recall.replace(held=zero(recall.held), selected=zero(recall.selected), hits=zero(recall.hits),
+                          copied=zero(recall.copied), steps=zero(recall.steps))

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from kvjax import ClusterKV, Full, Quest
+from kvjax import ClusterKV, FreeKV, Full, Quest
 from kvjax.generation import prefill
 from models.llama import forward
 
@@ -43,6 +43,9 @@ def reference(tiny_lm):
         Quest(budget=208, page_size=8, dense_layers=1),
         ClusterKV(budget=256, sink=16, dense_layers=0, window=16, window_clusters=2),
         ClusterKV(budget=200, sink=4, dense_layers=1, tokens_per_cluster=20, selection="kv_head", init="random"),
+        FreeKV(budget=256, page_size=16, sink=32, recent=32, tau=0.5, dense_layers=0),
+        FreeKV(budget=208, page_size=8, sink=16, recent=16, dense_layers=1),
+        FreeKV(budget=208, page_size=8, sink=16, recent=16, dense_layers=1, offload=True),
     ],
     ids=lambda m: f"{m.name}-" + "-".join(f"{k}={v}" for k, v in m.describe().items() if k != "method"),
 )
@@ -57,6 +60,7 @@ def test_covering_budget_equals_full(tiny_lm, reference, method):
         Quest(budget=16, page_size=4, dense_layers=0),
         ClusterKV(budget=14, sink=2, tokens_per_cluster=4, window=6, window_clusters=2, dense_layers=0),
         ClusterKV(budget=12, sink=0, tokens_per_cluster=5, selection="kv_head", dense_layers=0),
+        FreeKV(budget=24, page_size=4, sink=4, recent=8, tau=0.1, dense_layers=0),
     ],
     ids=lambda m: m.name,
 )

@@ -1,0 +1,432 @@
+"""`FreeKV`: speculative, group-consistent page retrieval (ALGORITHMS.md section 4).
+
+Pages are `page_size` consecutive positions (page `j` holds `[j * P, (j + 1) * P)`); every
+full page has a min/max key digest per KV head (`kvjax.pages`). At a decode step with `L`
+cached tokens (the current token sits at position `L`, in page `L // P`):
+
+- **recent** pages are the last `recent / P` pages *counting the page of the current token*:
+  pages `r0 .. L // P` with `r0 = max(0, L // P - recent / P + 1)`. The recent region is
+  positions `[r0 * P, L)` plus the current token, at most `recent` tokens in all.
+- **sink** positions are `[0, min(sink, r0 * P))` (short contexts: the recent region wins
+  the overlap, nothing is attended twice).
+- **candidates** are the pages `j` with `sink / P <= j < r0`: full pages that are neither
+  sink nor recent pages.
+- **selection** (group-consistent): each query head scores the candidates with Quest's bound,
+  takes a softmax over them, the scores are averaged over the head's query group, and each KV
+  head keeps its top `k = (budget - sink - recent) / P` candidates. All query heads of a group
+  attend the same pages.
+
+Attended set per KV head: sink positions + the selected pages + the recent region (+ the
+current token, exactly once): at most `budget` tokens.
+
+**Speculative retrieval.** After attending at step `t` the layer selects the pages of step
+`t + 1` with `q_t` (against the candidates and digests of step `t + 1`: the token written at
+step `t` completes the only page that can join them) and keeps that selection and `q_t` in
+the cache. Step `t + 1` attends that speculative selection, except for the KV heads whose
+query moved: `c = mean_g cos(q_{t+1}[g], q_t[g]) < tau` re-selects that head with
+`q_{t+1}` (a correction, counted per sequence and KV head). The first decode step after a
+prefill has no previous query and selects with its own query (not counted as a
+correction). `speculative=False` always selects with the current query.
+
+**Offload** (`offload=True`, items 5, 6 and 8; same outputs as `offload=False`): the device
+holds a fixed `[B, Hkv, budget, d]` slot buffer per layer: the sink positions, `k` retrieved
+page slots and a ring of `recent / P` page slots (page `j` in ring slot `j mod recent/P`),
+whatever the context length. Every page lives in a host pool `[B, pages, Hkv, 2, P, d]`
+(pinned_host, head-major: one (page, head) K+V block is one contiguous copy); prompt pages are
+written to it at ingest and each decoded token is written to it as it is produced, so a page
+is complete in the pool the moment it fills and becomes a candidate. `slot_page` maps each
+retrieved slot to its page per (sequence, KV head) (the page -> slot direction is the `k x k`
+comparison of the selection against it). A step copies only the selected pages that are not
+resident (one dynamic-size loop of block copies), into the slots of the lowest-scoring
+resident pages that are not selected; `recalled` counts the copied pages. Device slots are
+head-major `[B, Hkv, slots, d]` (the layout of every other cache here) rather than the
+paper's token-major layout. The digests (`[B, Hkv, pages, d]`) stay on the device.
+Not yet: the double-buffered asynchronous recall (item 7): the copies are synchronous,
+inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+import pallas_kernels as pk
+from kvjax.attention import attention_part, current_token_part, merge_parts
+from kvjax.cache import CacheSpec
+from kvjax.compat import to_device, to_host
+from kvjax.methods.base import (
+    check_int,
+    empty_kv,
+    prefix_sum,
+    read_tokens,
+    to_head_major,
+    write_prompt,
+    write_token,
+)
+from kvjax.methods.sparse import SparseMethod
+from kvjax.pages import add_token, prompt_digests
+
+
+@struct.dataclass
+class FreeKVLayerCache:
+    # offload=False: [B, Hkv, S, d], slot == position, S a multiple of page_size.
+    # offload=True: the device slots [B, Hkv, budget, d]: sink pages, k retrieved page slots,
+    # the recent ring (page j in ring slot j mod recent/page_size).
+    k: jax.Array
+    v: jax.Array
+    page_min: jax.Array  # [B, Hkv, S / page_size, d] float32
+    page_max: jax.Array
+    prev_q: jax.Array  # [B, Hq, d] float32: the query of the previous decode step
+    has_prev: jax.Array  # [B] bool: prev_q and next_pages are set (false after a prefill)
+    next_pages: jax.Array  # [B, Hkv, k] int32: pages selected with prev_q for this step
+    next_valid: jax.Array  # [B, Hkv, k] bool
+    next_scores: jax.Array  # [B, Hkv, S / page_size] float32 group scores of that selection
+    corrections: jax.Array  # [B, Hkv] int32: heads re-selected with the current query
+    checks: jax.Array  # [B] int32: decode steps that had a previous query (speculation tried)
+    # offload=True only (None otherwise):
+    slot_page: jax.Array | None = None  # [B, Hkv, k] int32 page held by each retrieved slot, -1 empty
+    pool: jax.Array | None = None  # [B, S / page_size, Hkv, 2, page_size, d] pinned_host: every page
+    recalled: jax.Array | None = None  # [B, Hkv] int32 pages copied host -> device so far
+
+
+@dataclasses.dataclass(frozen=True)
+class FreeKV(SparseMethod):
+    """FreeKV with `budget = sink + k * page_size + recent` tokens per KV head."""
+
+    budget: int = 2048
+    page_size: int = 32
+    sink: int = 512
+    recent: int = 512
+    tau: float = 0.8
+    dense_layers: int = 1
+    speculative: bool = True
+    offload: bool = False
+    impl: str = "xla"
+
+    name = "freekv"
+
+    def validate(self, spec: CacheSpec) -> None:
+        super().validate(spec)
+        check_int("page_size", self.page_size, 1)
+        check_int("sink", self.sink, 0)
+        check_int("recent", self.recent, self.page_size)
+        for name in ("sink", "recent"):
+            if getattr(self, name) % self.page_size:
+                raise ValueError(
+                    f"{name} must be a multiple of page_size={self.page_size}, got {getattr(self, name)}"
+                )
+        check_int("budget", self.budget, self.sink + self.recent + self.page_size)
+        if (self.budget - self.sink - self.recent) % self.page_size:
+            raise ValueError(
+                f"budget must be sink + recent + k * page_size with k >= 1 "
+                f"(sink={self.sink}, recent={self.recent}, page_size={self.page_size}), got {self.budget}"
+            )
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 < self.tau <= 1:
+            raise ValueError(f"tau must be a number in (0, 1], got {self.tau!r}")
+        for name in ("speculative", "offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def top_pages(self) -> int:
+        """k: retrieved pages per KV head."""
+        return (self.budget - self.sink - self.recent) // self.page_size
+
+    def slots(self, spec: CacheSpec) -> int:
+        return self.page_size * math.ceil(spec.capacity / self.page_size)
+
+    def decode_stats(self, cache) -> dict:
+        return correction_stats(cache.layers)
+
+    # ------------------------------------------------------------------------------------
+    # Cache
+
+    def sparse_init_cache(self, layer: int, spec: CacheSpec) -> FreeKVLayerCache:
+        b, hkv, d = spec.batch, spec.num_kv_heads, spec.head_dim
+        num_pages = self.slots(spec) // self.page_size
+        digest = (b, hkv, num_pages, d)  # distinct buffers: the cache is donated
+        top = min(self.top_pages, num_pages)
+        state = dict(
+            page_min=jnp.zeros(digest, jnp.float32),
+            page_max=jnp.zeros(digest, jnp.float32),
+            prev_q=jnp.zeros((b, spec.num_heads, d), jnp.float32),
+            has_prev=jnp.zeros((b,), bool),
+            next_pages=jnp.zeros((b, hkv, top), jnp.int32),
+            next_valid=jnp.zeros((b, hkv, top), bool),
+            next_scores=jnp.zeros((b, hkv, num_pages), jnp.float32),
+            corrections=jnp.zeros((b, hkv), jnp.int32),
+            checks=jnp.zeros((b,), jnp.int32),
+        )
+        if not self.offload:
+            return FreeKVLayerCache(*empty_kv(spec, self.slots(spec)), **state)
+        pool = (b, num_pages, hkv, 2, self.page_size, d)
+        return FreeKVLayerCache(
+            *empty_kv(spec, self.budget), **state,
+            slot_page=jnp.full((b, hkv, self.top_pages), -1, jnp.int32),
+            pool=to_host(jnp.zeros(pool, spec.dtype)),
+            recalled=jnp.zeros((b, hkv), jnp.int32),
+        )
+
+    def sparse_ingest(self, layer, cache: FreeKVLayerCache, k, v, lengths):
+        """Write the prompt and its digests; a new request forgets the previous query."""
+        t, p = k.shape[1], self.page_size
+        t_pages = p * math.ceil(t / p)
+        reset = dict(
+            prev_q=jnp.zeros_like(cache.prev_q),
+            has_prev=jnp.zeros_like(cache.has_prev),
+            next_valid=jnp.zeros_like(cache.next_valid),
+            corrections=jnp.zeros_like(cache.corrections),
+            checks=jnp.zeros_like(cache.checks),
+        )
+        if self.offload:
+            return self._offload_ingest(cache, k, v, lengths).replace(**reset)
+        new_k, new_v = write_prompt(cache.k, k), write_prompt(cache.v, v)
+        lo, hi = prompt_digests(new_k[:, :, :t_pages], lengths, p)
+        return cache.replace(
+            k=new_k, v=new_v,
+            page_min=cache.page_min.at[:, :, : lo.shape[2]].set(lo),
+            page_max=cache.page_max.at[:, :, : hi.shape[2]].set(hi),
+            **reset,
+        )
+
+    # ------------------------------------------------------------------------------------
+    # Regions and selection
+
+    def recent_start(self, lengths: jax.Array) -> jax.Array:
+        """r0 [B]: first recent page when `lengths` tokens are cached (current token at L)."""
+        return jnp.maximum(lengths // self.page_size - self.recent // self.page_size + 1, 0)
+
+    def candidates(self, lengths: jax.Array, num_pages: int) -> jax.Array:
+        """[B, P] bool: full pages that are neither sink nor recent pages."""
+        j = jnp.arange(num_pages)[None, :]
+        return (j >= self.sink // self.page_size) & (j < self.recent_start(lengths)[:, None])
+
+    def select_pages(self, q, page_min, page_max, lengths):
+        """Group-consistent top-k candidates per KV head: (pages, valid) [B, Hkv, k] and the
+        group scores [B, Hkv, P] (-inf for non-candidates)."""
+        b, hkv, num_pages, _ = page_min.shape
+        hq = q.shape[1]
+        valid = jnp.broadcast_to(self.candidates(lengths, num_pages)[:, None, :], (b, hkv, num_pages))
+        scores = pk.page_scores(q, page_min, page_max, valid, impl=self.impl)  # [B, Hq, P]
+        # Softmax over the candidates per query head (a row without candidates gives zeros).
+        top = scores.max(axis=-1, keepdims=True)
+        e = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0))
+        p = e / jnp.maximum(e.sum(axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+        group = p.reshape(b, hkv, hq // hkv, num_pages).mean(axis=2)
+        group = jnp.where(valid, group, -jnp.inf)
+        best, pages = jax.lax.top_k(group, min(self.top_pages, num_pages))
+        return pages.astype(jnp.int32), best > -jnp.inf, group
+
+    def corrected_heads(self, cache: FreeKVLayerCache, q) -> jax.Array:
+        """[B, Hkv] bool: heads that select with the current query this step."""
+        b, hq, d = q.shape
+        hkv = cache.next_pages.shape[1]
+        if not self.speculative:
+            return jnp.ones((b, hkv), bool)
+        qf = q.astype(jnp.float32)
+        norm = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
+        cos = (norm(qf) * norm(cache.prev_q)).sum(axis=-1)  # [B, Hq]
+        c = cos.reshape(b, hkv, hq // hkv).mean(axis=-1)
+        return (c < self.tau) | ~cache.has_prev[:, None]
+
+    def choose_pages(self, cache: FreeKVLayerCache, q, lengths):
+        """This step's retrieved pages: (pages, valid [B, Hkv, k], group scores, corrected)."""
+        corrected = self.corrected_heads(cache, q)
+        if not self.speculative:
+            return (*self.select_pages(q, cache.page_min, cache.page_max, lengths), corrected)
+
+        def reselect(_):
+            fresh = self.select_pages(q, cache.page_min, cache.page_max, lengths)
+            spec = (cache.next_pages, cache.next_valid, cache.next_scores)
+            return tuple(jnp.where(corrected[..., None], f, s) for f, s in zip(fresh, spec))
+
+        chosen = jax.lax.cond(
+            corrected.any(), reselect, lambda _: (cache.next_pages, cache.next_valid, cache.next_scores), None
+        )
+        return (*chosen, corrected)
+
+    # ------------------------------------------------------------------------------------
+    # Decode
+
+    def sparse_attend(self, layer, cache: FreeKVLayerCache, q, k, v, lengths):
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        pages, selected, scores, corrected = self.choose_pages(cache, q, lengths)
+        if self.offload:
+            out, new = self._offload_attend(cache, q, k, v, lengths, pages, selected, scores)
+        else:
+            out, new = self._device_attend(cache, q, k, v, lengths, pages, selected)
+        lo, hi = add_token(cache.page_min, cache.page_max, k, lengths, self.page_size)
+        new = new.replace(page_min=lo, page_max=hi)
+        if self.speculative:
+            # Speculative selection for the next step, with this step's query.
+            next_pages, next_valid, next_scores = self.select_pages(q, lo, hi, lengths + 1)
+            new = new.replace(
+                prev_q=q.astype(jnp.float32),
+                has_prev=jnp.ones_like(cache.has_prev),
+                next_pages=next_pages,
+                next_valid=next_valid,
+                next_scores=next_scores,
+                corrections=cache.corrections + (corrected & cache.has_prev[:, None]).astype(jnp.int32),
+                checks=cache.checks + cache.has_prev.astype(jnp.int32),
+            )
+        return out.astype(q.dtype), new
+
+    def _device_attend(self, cache, q, k, v, lengths, pages, selected):
+        """All pages on the device: gather the selected pages, slice sinks and recent."""
+        hq, hkv, p = q.shape[1], cache.k.shape[1], self.page_size
+        group = hq // hkv
+        chosen = pk.sparse_decode_attention(
+            q, cache.k, cache.v, jnp.repeat(pages, group, axis=1), jnp.repeat(selected, group, axis=1),
+            block_size=p, impl=self.impl,
+        )
+        r0 = self.recent_start(lengths) * p  # first recent position
+        parts = [chosen]
+        if self.sink:
+            sink_valid = jnp.arange(self.sink)[None, :] < jnp.minimum(r0, self.sink)[:, None]
+            parts.append(attention_part(q, cache.k[:, :, : self.sink], cache.v[:, :, : self.sink], sink_valid))
+        recent_valid = r0[:, None] + jnp.arange(self.recent)[None, :] < lengths[:, None]
+        parts.append(attention_part(q, read_tokens(cache.k, r0, self.recent),
+                                    read_tokens(cache.v, r0, self.recent), recent_valid))
+        parts.append(current_token_part(q, k, v))
+        new = cache.replace(k=write_token(cache.k, lengths, k), v=write_token(cache.v, lengths, v))
+        return merge_parts(parts), new
+
+    # ------------------------------------------------------------------------------------
+    # Offload (ALGORITHMS.md section 4 items 5, 6, 8): device slots + host pool
+
+    def _ring_positions(self, lengths):
+        """[B, recent] position held by each recent-ring slot (ring page s holds page
+        r0 + ((s - r0) mod R) of the recent pages r0 .. L // P)."""
+        p, nr = self.page_size, self.recent // self.page_size
+        r0 = self.recent_start(lengths)[:, None]
+        s = jnp.arange(nr)[None, :]
+        page = r0 + jnp.mod(s - r0, nr)  # [B, R]
+        return (page[:, :, None] * p + jnp.arange(p)).reshape(lengths.shape[0], self.recent)
+
+    def _offload_ingest(self, cache, k, v, lengths):
+        b, t, hkv, d = k.shape
+        p = self.page_size
+        t_pages = p * math.ceil(t / p)
+        if t_pages > cache.pool.shape[1] * p:
+            raise ValueError(f"prompt of {t} tokens exceeds the cache capacity {cache.pool.shape[1] * p}")
+        kh, vh = (jnp.pad(to_head_major(x, cache.k.dtype), ((0, 0), (0, 0), (0, t_pages - t), (0, 0)))
+                  for x in (k, v))
+        lo, hi = prompt_digests(kh, lengths, p)
+        # Host pool, head-major [B, pages, Hkv, 2, P, d]: the head-major conversion happens on
+        # the device, the copy is one contiguous block per sequence.
+        blocks = jnp.stack([kh, vh], axis=2).reshape(b, hkv, 2, t_pages // p, p, d).transpose(0, 3, 1, 2, 4, 5)
+        pool = jax.lax.dynamic_update_slice(cache.pool, to_host(blocks), (0, 0, 0, 0, 0, 0))
+        # Device slots: sinks (slot == position) and the recent ring.
+        ring = jnp.clip(self._ring_positions(lengths), 0, t_pages - 1)[:, None, :, None]  # [B, 1, R, 1]
+        new_k, new_v = cache.k, cache.v
+        ring0 = self.budget - self.recent
+        n_sink = min(self.sink, t_pages)
+        for name, src in (("k", kh), ("v", vh)):
+            buf = new_k if name == "k" else new_v
+            buf = buf.at[:, :, :n_sink].set(src[:, :, :n_sink])
+            buf = buf.at[:, :, ring0:].set(jnp.take_along_axis(src, jnp.broadcast_to(ring, (b, hkv, self.recent, 1)), axis=2))
+            new_k, new_v = (buf, new_v) if name == "k" else (new_k, buf)
+        return cache.replace(
+            k=new_k, v=new_v, pool=pool,
+            page_min=cache.page_min.at[:, :, : lo.shape[2]].set(lo),
+            page_max=cache.page_max.at[:, :, : hi.shape[2]].set(hi),
+            slot_page=jnp.full_like(cache.slot_page, -1),
+            recalled=jnp.zeros_like(cache.recalled),
+        )
+
+    def _recall(self, cache, pages, selected, scores):
+        """Make the selected pages resident: copy only the missing ones from the host pool
+        into the slots of the lowest-scoring resident pages that are not selected.
+
+        Returns (k slots, v slots, slot_page, attended [B, Hkv, k] slot holds a selected
+        page, copied [B, Hkv] pages copied)."""
+        b, hkv, top = cache.slot_page.shape
+        p, d = self.page_size, cache.k.shape[3]
+        slot_page = cache.slot_page
+        hit = (slot_page[:, :, None, :] == pages[..., None]) & selected[..., None]  # [B, Hkv, sel, slot]
+        missing = selected & ~hit.any(axis=3)
+        needed = hit.any(axis=2)
+        resident_score = jnp.take_along_axis(scores, jnp.maximum(slot_page, 0), axis=2)
+        key = jnp.where(needed, jnp.inf, jnp.where(slot_page < 0, -jnp.inf, resident_score))
+        _, victims = jax.lax.top_k(-key, top)  # free slots first, then lowest scores
+        rank = prefix_sum(missing.astype(jnp.int32)) - 1
+        target = jnp.take_along_axis(victims, jnp.maximum(rank, 0), axis=2)  # [B, Hkv, sel]
+        rows, heads = jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None]
+        slot_page = slot_page.at[rows, heads, jnp.where(missing, target, top)].set(pages, mode="drop")
+
+        # Compact the missing (sequence, head, page) entries and copy exactly those blocks.
+        n = b * hkv * top
+        flat = missing.reshape(-1)
+        order = jnp.zeros(n, jnp.int32).at[jnp.where(flat, prefix_sum(flat.astype(jnp.int32)) - 1, n)].set(
+            jnp.arange(n, dtype=jnp.int32), mode="drop")
+        count = flat.sum()
+        flat_pages = pages.reshape(-1)
+
+        def copy(i, stage):
+            e = order[i]
+            start = (e // (hkv * top), flat_pages[e], (e // top) % hkv, 0, 0, 0)
+            block = jax.lax.dynamic_slice(cache.pool, start, (1, 1, 1, 2, p, d))
+            return stage.at[i].set(to_device(block)[0, 0, 0])
+
+        stage = jax.lax.fori_loop(0, count, copy, jnp.zeros((n, 2, p, d), cache.k.dtype))
+        # Scatter the staged blocks into their slots (token-major within the slot buffer).
+        e = order
+        slot = self.sink + target.reshape(-1)[e] * p  # first token slot of each entry
+        slot = jnp.where(jnp.arange(n) < count, slot, cache.k.shape[2])[:, None] + jnp.arange(p)
+        row, head = (e // (hkv * top))[:, None], ((e // top) % hkv)[:, None]
+        new_k = cache.k.at[row, head, slot].set(stage[:, 0], mode="drop")
+        new_v = cache.v.at[row, head, slot].set(stage[:, 1], mode="drop")
+        attended = ((slot_page[:, :, None, :] == pages[..., None]) & selected[..., None]).any(axis=2)
+        return new_k, new_v, slot_page, attended, missing.sum(axis=2).astype(jnp.int32)
+
+    def _offload_attend(self, cache, q, k, v, lengths, pages, selected, scores):
+        p = self.page_size
+        b, hkv = cache.k.shape[:2]
+        new_k, new_v, slot_page, attended, copied = self._recall(cache, pages, selected, scores)
+        r0 = self.recent_start(lengths) * p
+        sink_valid = jnp.arange(self.sink)[None, :] < jnp.minimum(r0, self.sink)[:, None]
+        ring_valid = self._ring_positions(lengths) < lengths[:, None]
+        valid = jnp.concatenate([
+            jnp.broadcast_to(sink_valid[:, None], (b, hkv, self.sink)),
+            jnp.repeat(attended, p, axis=2),
+            jnp.broadcast_to(ring_valid[:, None], (b, hkv, self.recent)),
+        ], axis=2)
+        out = merge_parts([attention_part(q, new_k, new_v, valid), current_token_part(q, k, v)])
+
+        # Write the current token: its recent-ring slot, its sink slot (short prompts), the pool.
+        nr, ring0 = self.recent // p, self.budget - self.recent
+        page, offset = lengths // p, lengths % p
+        ring_slot = ring0 + (page % nr) * p + offset
+        sink_slot = jnp.where(lengths < self.sink, lengths, self.budget)  # out of range: dropped
+        for slot in (ring_slot, sink_slot):
+            new_k, new_v = write_token(new_k, slot, k), write_token(new_v, slot, v)
+        pool = cache.pool
+        token = jnp.stack([k, v], axis=2)  # [B, Hkv, 2, d]
+        for row in range(b):  # one small device -> host copy per sequence
+            update = to_host(token[row][None, None, :, :, None, :])
+            pool = jax.lax.dynamic_update_slice(pool, update, (row, page[row], 0, 0, offset[row], 0))
+        return out, cache.replace(k=new_k, v=new_v, slot_page=slot_page, pool=pool,
+                                  recalled=cache.recalled + copied)
+
+
+def correction_stats(layers) -> dict:
+    """Correction rate per FreeKV layer: corrected heads / speculative head-steps (None for
+    dense layers and layers without a speculative step yet)."""
+    rates, total, tried = [], 0, 0
+    for layer in layers:
+        if not isinstance(layer, FreeKVLayerCache):
+            rates.append(None)
+            continue
+        corrections = int(np.asarray(layer.corrections).sum())
+        checks = int(np.asarray(layer.checks).sum()) * layer.corrections.shape[1]
+        rates.append(corrections / checks if checks else None)
+        total, tried = total + corrections, tried + checks
+    return {
+        "freekv_correction_rate": total / tried if tried else None,
+        "freekv_correction_rate_per_layer": rates,
+    }
