@@ -52,6 +52,7 @@ from kvjax.methods.base import (
 from kvjax.methods.sparse import SparseMethod
 
 SELECTIONS = ("query_head", "kv_head")
+NOWHERE = 2**30  # an index entry past any cache: scatters to it are dropped
 RECALL_CHUNK = 128  # rows per host -> device transfer (offload): bounds the padding copied
 
 
@@ -235,15 +236,13 @@ class ClusterKV(SparseMethod):
     def _cluster_window(self, layer, cache: ClusterLayerCache, full):
         """Cluster the full windows (rows where `full`) and append them to the index.
 
-        The window's tokens move to the slots after the indexed ones, in index order (with
-        offload: the host slots). Those slots are the window's own unless NaN/Inf keys were
-        left out of the index, and nothing reads the window's old slots once it is clustered.
+        Returns the updated cache fields of the index, the window's local order [B, Hkv, w]
+        and where its tokens go [B, Hkv] (`_move_window` moves them, outside the cond).
         """
         w, c_new = self.window, self.window_clusters
         start = cache.window_start
         b = start.shape[0]
-        first_slot = jnp.full((b,), self.sink, jnp.int32) if self.offload else start  # window's slot 0
-        keys = read_tokens(cache.k, first_slot, w)
+        keys = read_tokens(cache.k, self._window_slot(start), w)
         count = jnp.full((b,), w, jnp.int32)
         centroids, sizes, order = self._cluster(
             keys, count, jnp.full((b,), c_new, jnp.int32), c_new, layer, salt=1 + cache.windows[0]
@@ -253,24 +252,35 @@ class ClusterKV(SparseMethod):
         put = jax.vmap(lambda x, y, i: jax.lax.dynamic_update_slice_in_dim(x, y, i, axis=1))
         put_row = jax.vmap(jax.vmap(lambda x, y, i: jax.lax.dynamic_update_slice_in_dim(x, y, i, 0)))
         keep = lambda new, old: jnp.where(full.reshape((b,) + (1,) * (old.ndim - 1)), new, old)
-        in_order = lambda x: jnp.take_along_axis(read_tokens(x, first_slot, w), order[..., None], axis=2)
-        if self.offload:
-            dest = jnp.where(full[:, None], offset, cache.order.shape[2])  # out of range: dropped
-            cache = cache.replace(recall=cache.recall.replace(
-                host_k=_write_host(cache.recall.host_k, dest, in_order(cache.k)),
-                host_v=_write_host(cache.recall.host_v, dest, in_order(cache.v)),
-            ))
-        else:
-            dest = jnp.where(full[:, None], self.sink + offset, cache.k.shape[2])  # out of range: dropped
-            cache = cache.replace(k=write_tokens(cache.k, dest, in_order(cache.k)),
-                                  v=write_tokens(cache.v, dest, in_order(cache.v)))
-        return cache.replace(
+        index = dict(
             centroids=keep(put(cache.centroids, centroids, ids), cache.centroids),
             sizes=keep(put(cache.sizes, sizes, ids), cache.sizes),
             order=keep(put_row(cache.order, order + start[:, None, None], offset), cache.order),
             window_start=jnp.where(full, start + w, start),
             windows=cache.windows + full,
         )
+        return index, order, jnp.where(full[:, None], offset, NOWHERE)
+
+    def _window_slot(self, window_start):
+        """Cache slot [B] of the window's first token (offload keeps only the window after the sinks)."""
+        return jnp.full_like(window_start, self.sink) if self.offload else window_start
+
+    def _move_window(self, cache: ClusterLayerCache, start, order, dest) -> ClusterLayerCache:
+        """Move the window that started at `start` to index entries `dest` in index order.
+
+        The destination is the window's own slots unless NaN/Inf keys were left out of the
+        index; nothing reads the window's old slots once it is clustered. With offload the
+        destination is the host region. `dest == NOWHERE`: the write is dropped.
+        """
+        w = self.window
+        in_order = lambda x: jnp.take_along_axis(read_tokens(x, self._window_slot(start), w), order[..., None], axis=2)
+        if self.offload:
+            return cache.replace(recall=cache.recall.replace(
+                host_k=_write_host(cache.recall.host_k, dest, in_order(cache.k)),
+                host_v=_write_host(cache.recall.host_v, dest, in_order(cache.v)),
+            ))
+        dest = jnp.minimum(dest, NOWHERE - self.sink) + self.sink
+        return cache.replace(k=write_tokens(cache.k, dest, in_order(cache.k)), v=write_tokens(cache.v, dest, in_order(cache.v)))
 
     def cluster_full_windows(self, layer: int, cache: ClusterLayerCache, lengths) -> ClusterLayerCache:
         """Cluster the window of rows whose window holds `window` tokens (before a step)."""
@@ -278,8 +288,17 @@ class ClusterKV(SparseMethod):
             return cache  # no room for window clusters: the window is the whole decode
         room = cache.first_window_cluster + self.window_clusters * (cache.windows + 1)
         full = (lengths - cache.window_start >= self.window) & (room <= cache.sizes.shape[2])
-        # The cache is donated, so the untaken branch passes the buffers through uncopied.
-        return jax.lax.cond(jnp.any(full), lambda c: self._cluster_window(layer, c, full), lambda c: c, cache)
+        # Only the small index goes through the cond: inside the decode loop XLA copies
+        # buffers that pass through a conditional. The KV move is a scatter outside it that
+        # drops its writes on the steps that do not cluster.
+        b, h = cache.sizes.shape[:2]
+
+        def skip(c):
+            fields = {f: getattr(c, f) for f in ("centroids", "sizes", "order", "window_start", "windows")}
+            return fields, jnp.zeros((b, h, self.window), jnp.int32), jnp.full((b, h), NOWHERE, jnp.int32)
+
+        index, order, dest = jax.lax.cond(jnp.any(full), lambda c: self._cluster_window(layer, c, full), skip, cache)
+        return self._move_window(cache.replace(**index), cache.window_start, order, dest)
 
     def select(self, q, cache: ClusterLayerCache):
         """Positions [B, Hq, budget - sink] of the selected tokens and their validity."""
