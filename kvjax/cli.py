@@ -22,6 +22,9 @@ METHOD_HYPERPARAMETERS = {
     "init": str,
     "kmeans_seed": int,
     "impl": str,
+    "recent": int,
+    "tau": float,
+    "speculative": bool,  # --speculative / --no-speculative
     "offload": bool,  # --offload / --no-offload
 }
 

@@ -90,3 +90,14 @@ def test_method_flags_build_the_method():
     # Several methods: each takes the flags it declares.
     args = build_parser().parse_args(["eval", "passkey", "--methods", "full", "quest", "--page-size", "32"])
     assert [_method_from_args(m, args, strict=False) for m in args.methods] == [Full(), Quest(page_size=32)]
+
+
+def test_freekv_flags_build_the_method():
+    from kvjax import FreeKV
+    from kvjax.cli import _method_from_args, build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--method", "freekv", "--budget", "512",
+                                      "--sink", "64", "--recent", "64", "--page-size", "16", "--tau", "0.9",
+                                      "--no-speculative", "--offload"])
+    assert _method_from_args(args.method, args) == FreeKV(budget=512, sink=64, recent=64, page_size=16, tau=0.9,
+                                                          speculative=False, offload=True)
