@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax import CacheSpec, ClusterKV, Full, StreamingLLM, chat_prompt, generate, generate_many, init_cache
+from kvjax import CacheSpec, ClusterKV, FreeKV, Full, StreamingLLM, chat_prompt, generate, generate_many, init_cache
 from kvjax.eval.tasks import make_sample, score
 from models.llama import forward
 from tests.conftest import embedded_gguf
@@ -60,7 +60,12 @@ def _answer(model, samples, method):
     return [score(s, text) for s, text in zip(samples, out.text)], out.text
 
 
-COMPARED = {"full": Full(), "streaming_llm": StreamingLLM(budget=256), "clusterkv": ClusterKV(budget=256)}
+COMPARED = {
+    "full": Full(),
+    "streaming_llm": StreamingLLM(budget=256),
+    "clusterkv": ClusterKV(budget=256),
+    "freekv": FreeKV(budget=512, sink=64, recent=64, page_size=16),  # the FreeKV issue's test setting
+}
 
 
 @pytest.fixture(scope="module", params=[4000, 7000], ids=lambda n: f"{n}tok")
@@ -104,4 +109,17 @@ def test_clusterkv_answers_every_passkey_full_answers(passkey_runs):
     _, runs = passkey_runs
     full, _ = runs["full"]
     scores, texts = runs["clusterkv"]
+    assert all(c >= f for c, f in zip(scores, full)), (texts, runs["full"][1])
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "known gap (FreeKV issue): at 7k, budget 512 with pages of 16 recalls the key only at 10% "
+    "depth; speculative=False and Quest(512, page 16) miss the same depths, so it is page-level "
+    "selection on this model, not speculation"))
+def test_freekv_answers_every_passkey_full_answers(passkey_runs):
+    """FreeKV at budget 512 (sink 64, recent 64, pages of 16): speculative page retrieval
+    with correction finds the key's page at every depth that Full answers."""
+    _, runs = passkey_runs
+    full, _ = runs["full"]
+    scores, texts = runs["freekv"]
     assert all(c >= f for c, f in zip(scores, full)), (texts, runs["full"][1])
