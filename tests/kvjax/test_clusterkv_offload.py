@@ -21,8 +21,8 @@ import pytest
 from kvjax import Cache, CacheSpec, ClusterKV, init_cache, kv_bytes
 from kvjax.generation import COMPILE_COUNTS, generate_many, prefill
 from kvjax.methods.clusterkv import ClusterLayerCache
-from models.llama import forward
 from tests.kvjax.method_harness import HKV, HQ, D, run_method, spec
+from tests.kvjax.test_sparse_exactness import forced_logits
 
 
 def _recall_counts(cache, q, positions):
@@ -52,28 +52,14 @@ def test_offload_equals_device_cache_step_by_step(kwargs, lengths, steps):
     assert 0 < counts[-1][2] < counts[-1][1]  # some selected clusters were resident, not all
 
 
-def _tiny_lm_logits(model, method, prompts, forced):
-    """Logits after the prompt, then after each forced token: [steps + 1, B, V]; and the cache."""
-    pre = prefill(model, prompts, method, extra_tokens=forced.shape[1])
-    step = jax.jit(
-        lambda params, token, cache: forward(params, token, cache.lengths[:, None], cache, method, config=model.config),
-        donate_argnums=2,
-    )
-    cache, out = pre.cache, [np.asarray(pre.first_logits)]
-    for t in range(forced.shape[1]):
-        logits, cache = step(model.params, forced[:, t : t + 1], cache)
-        out.append(np.asarray(logits[:, 0]))
-    return np.stack(out), cache
-
-
 def test_offload_logits_equal_device_cache_through_the_model(tiny_lm):
     """Batch 2 (one padded row), a budget well below the context, window clustering."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 49152, size=n).tolist() for n in (150, 97)]
     forced = rng.integers(0, 49152, size=(2, 40)).astype(np.int32)
     method = ClusterKV(budget=40, sink=4, tokens_per_cluster=8, window=16, window_clusters=2, dense_layers=1)
-    device, _ = _tiny_lm_logits(tiny_lm, method, prompts, forced)
-    host, cache = _tiny_lm_logits(tiny_lm, dataclasses.replace(method, offload=True), prompts, forced)
+    device, _ = forced_logits(tiny_lm, method, prompts, forced)
+    host, cache = forced_logits(tiny_lm, dataclasses.replace(method, offload=True), prompts, forced)
     np.testing.assert_allclose(host, device, atol=1e-4, rtol=0)
     sparse = cache.layers[1]
     np.testing.assert_array_equal(np.asarray(sparse.windows), [2, 2])

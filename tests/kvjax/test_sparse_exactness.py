@@ -14,8 +14,8 @@ from models.llama import forward
 STEPS = 40
 
 
-def _logits(model, method, prompts, forced):
-    """Logits after the prompt, then after each forced token: [steps + 1, B, V]."""
+def forced_logits(model, method, prompts, forced):
+    """Logits after the prompt, then after each forced token ([steps + 1, B, V]), and the cache."""
     pre = prefill(model, prompts, method, extra_tokens=forced.shape[1])
     step = jax.jit(
         lambda params, token, cache: forward(params, token, cache.lengths[:, None], cache, method, config=model.config),
@@ -25,7 +25,7 @@ def _logits(model, method, prompts, forced):
     for t in range(forced.shape[1]):
         logits, cache = step(model.params, forced[:, t : t + 1], cache)
         out.append(np.asarray(logits[:, 0]))
-    return np.stack(out)
+    return np.stack(out), cache
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def reference(tiny_lm):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 49152, size=n).tolist() for n in (150, 97)]
     forced = rng.integers(0, 49152, size=(2, STEPS)).astype(np.int32)
-    return prompts, forced, _logits(tiny_lm, Full(), prompts, forced)
+    return prompts, forced, forced_logits(tiny_lm, Full(), prompts, forced)[0]
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def reference(tiny_lm):
 )
 def test_covering_budget_equals_full(tiny_lm, reference, method):
     prompts, forced, full = reference
-    np.testing.assert_allclose(_logits(tiny_lm, method, prompts, forced), full, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(forced_logits(tiny_lm, method, prompts, forced)[0], full, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(
