@@ -27,6 +27,15 @@ def prompt_digests(k: jax.Array, lengths: jax.Array, page_size: int) -> tuple[ja
     return jnp.where(seen, lo, 0.0), jnp.where(seen, hi, 0.0)
 
 
+def write_prompt_digests(
+    page_min: jax.Array, page_max: jax.Array, k: jax.Array, lengths: jax.Array, page_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """Store the digests of a right-padded prompt's pages (`prompt_digests` of k [B, Hkv, T,
+    d], T a multiple of page_size) in the first pages of the digest buffers."""
+    lo, hi = prompt_digests(k, lengths, page_size)
+    return page_min.at[:, :, : lo.shape[2]].set(lo), page_max.at[:, :, : hi.shape[2]].set(hi)
+
+
 def add_token(
     page_min: jax.Array, page_max: jax.Array, k: jax.Array, position: jax.Array, page_size: int
 ) -> tuple[jax.Array, jax.Array]:

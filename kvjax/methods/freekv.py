@@ -69,7 +69,7 @@ from kvjax.methods.base import (
     write_token,
 )
 from kvjax.methods.sparse import SparseMethod
-from kvjax.pages import add_token, prompt_digests
+from kvjax.pages import add_token, write_prompt_digests
 
 
 @struct.dataclass
@@ -186,13 +186,8 @@ class FreeKV(SparseMethod):
         if self.offload:
             return self._offload_ingest(cache, k, v, lengths).replace(**reset)
         new_k, new_v = write_prompt(cache.k, k), write_prompt(cache.v, v)
-        lo, hi = prompt_digests(new_k[:, :, :t_pages], lengths, p)
-        return cache.replace(
-            k=new_k, v=new_v,
-            page_min=cache.page_min.at[:, :, : lo.shape[2]].set(lo),
-            page_max=cache.page_max.at[:, :, : hi.shape[2]].set(hi),
-            **reset,
-        )
+        lo, hi = write_prompt_digests(cache.page_min, cache.page_max, new_k[:, :, :t_pages], lengths, p)
+        return cache.replace(k=new_k, v=new_v, page_min=lo, page_max=hi, **reset)
 
     # ------------------------------------------------------------------------------------
     # Regions and selection
@@ -316,25 +311,23 @@ class FreeKV(SparseMethod):
             raise ValueError(f"prompt of {t} tokens exceeds the cache capacity {cache.pool.shape[1] * p}")
         kh, vh = (jnp.pad(to_head_major(x, cache.k.dtype), ((0, 0), (0, 0), (0, t_pages - t), (0, 0)))
                   for x in (k, v))
-        lo, hi = prompt_digests(kh, lengths, p)
+        lo, hi = write_prompt_digests(cache.page_min, cache.page_max, kh, lengths, p)
         # Host pool, head-major [B, pages, Hkv, 2, P, d]: the head-major conversion happens on
         # the device, the copy is one contiguous block per sequence.
         blocks = jnp.stack([kh, vh], axis=2).reshape(b, hkv, 2, t_pages // p, p, d).transpose(0, 3, 1, 2, 4, 5)
         pool = jax.lax.dynamic_update_slice(cache.pool, to_host(blocks), (0, 0, 0, 0, 0, 0))
         # Device slots: sinks (slot == position) and the recent ring.
         ring = jnp.clip(self._ring_positions(lengths), 0, t_pages - 1)[:, None, :, None]  # [B, 1, R, 1]
-        new_k, new_v = cache.k, cache.v
+        ring = jnp.broadcast_to(ring, (b, hkv, self.recent, 1))
         ring0 = self.budget - self.recent
         n_sink = min(self.sink, t_pages)
-        for name, src in (("k", kh), ("v", vh)):
-            buf = new_k if name == "k" else new_v
+
+        def fill(buf, src):
             buf = buf.at[:, :, :n_sink].set(src[:, :, :n_sink])
-            buf = buf.at[:, :, ring0:].set(jnp.take_along_axis(src, jnp.broadcast_to(ring, (b, hkv, self.recent, 1)), axis=2))
-            new_k, new_v = (buf, new_v) if name == "k" else (new_k, buf)
+            return buf.at[:, :, ring0:].set(jnp.take_along_axis(src, ring, axis=2))
+
         return cache.replace(
-            k=new_k, v=new_v, pool=pool,
-            page_min=cache.page_min.at[:, :, : lo.shape[2]].set(lo),
-            page_max=cache.page_max.at[:, :, : hi.shape[2]].set(hi),
+            k=fill(cache.k, kh), v=fill(cache.v, vh), pool=pool, page_min=lo, page_max=hi,
             slot_page=jnp.full_like(cache.slot_page, -1),
             recalled=jnp.zeros_like(cache.recalled),
         )

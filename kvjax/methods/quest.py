@@ -19,7 +19,7 @@ from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import CacheSpec
 from kvjax.methods.base import check_int, empty_kv, read_tokens, write_prompt, write_token
 from kvjax.methods.sparse import SparseMethod
-from kvjax.pages import add_token, full_pages, prompt_digests
+from kvjax.pages import add_token, full_pages, write_prompt_digests
 
 
 @struct.dataclass
@@ -63,11 +63,8 @@ class Quest(SparseMethod):
         t = k.shape[1]
         new_k, new_v = write_prompt(cache.k, k), write_prompt(cache.v, v)
         t_pages = self.page_size * math.ceil(t / self.page_size)
-        lo, hi = prompt_digests(new_k[:, :, :t_pages], lengths, self.page_size)
-        return PagedLayerCache(
-            new_k, new_v, cache.page_min.at[:, :, : lo.shape[2]].set(lo),
-            cache.page_max.at[:, :, : hi.shape[2]].set(hi),
-        )
+        lo, hi = write_prompt_digests(cache.page_min, cache.page_max, new_k[:, :, :t_pages], lengths, self.page_size)
+        return PagedLayerCache(new_k, new_v, lo, hi)
 
     def select_pages(self, q, cache: PagedLayerCache, lengths):
         """Top pages per query head among the full ones: (indices, valid) [B, Hq, top]."""
