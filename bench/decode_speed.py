@@ -37,8 +37,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # allow `python bench/decode_speed.py` as well as `-m`
     sys.path.insert(0, str(REPO))

@@ -7,7 +7,6 @@ attention over exactly the tokens the method is specified to keep.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
