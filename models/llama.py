@@ -110,21 +110,40 @@ def forward(
     - `last_only`: return logits only at each sequence's last valid position (`[B, 1, V]`),
       which avoids the `[B, T, V]` output matrix for long prompts.
     """
+    return forward_embeddings(
+        params, params.embed[tokens], positions, cache, method, config=config, last_only=last_only
+    )
+
+
+def forward_embeddings(
+    params: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    cache: Cache,
+    method: Method,
+    *,
+    config: ModelConfig,
+    last_only: bool = False,
+) -> tuple[jax.Array, Cache]:
+    """`forward` on input embeddings `x` `[B, T, D]` instead of token ids.
+
+    Multimodal models (LLaVA-OneVision) call this after writing vision features into the
+    embedded prompt; everything else is as in `forward`.
+    """
     inv_freq = rope_inv_freq(config)
-    if tokens.shape[1] == 1:
+    if x.shape[1] == 1:
         lengths = cache.lengths  # tokens already cached = position of this token
         new_lengths = lengths + 1
     else:
         lengths = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
         new_lengths = lengths
-    x = params.embed[tokens]
     new_layers = []
     for i, (p, layer_cache) in enumerate(zip(params.layers, cache.layers)):
         x, layer_cache = decoder_layer(
             i, p, x, positions, lengths, layer_cache, method, config, inv_freq
         )
         new_layers.append(layer_cache)
-    if last_only and tokens.shape[1] > 1:
+    if last_only and x.shape[1] > 1:
         x = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
     x = rms_norm(x, params.final_norm, config.rms_norm_eps)
     logits = params.logits(x).astype(jnp.float32)
