@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,18 +148,15 @@ def read_safetensors_config(path: str | Path) -> ModelConfig:
     return _config_for(directory, set(_weight_files(directory)))
 
 
-def load_safetensors_dir(
-    path: str | Path, dtype: jnp.dtype = jnp.float32
-) -> tuple[ModelConfig, Params]:
-    """Load an HF Llama / Mistral / Qwen2 checkpoint directory as `(config, params)`.
+@contextlib.contextmanager
+def tensor_reader(path: str | Path) -> Iterator[tuple[set[str], Callable[[str], np.ndarray]]]:
+    """Open a (sharded) safetensors directory: yields `(tensor names, read)`.
 
-    Embeddings are tied (`lm_head=None`) when `config.json` says so or `lm_head.weight` is absent.
-    Raises FileNotFoundError for a missing directory, config or shard and ValueError for corrupt
-    files, missing tensors and wrong shapes; every message names the file and tensor concerned.
+    `read(name)` memory-maps one tensor as numpy; a missing tensor or an unreadable file raises
+    a ValueError naming the directory or file. Shards are opened on first use and closed on exit.
     """
     directory = _check_directory(path)
     files = _weight_files(directory)
-    config = _config_for(directory, set(files))
     with contextlib.ExitStack() as stack:
         handles: dict[Path, Any] = {}
 
@@ -174,5 +171,20 @@ def load_safetensors_dir(
             except SafetensorError as e:
                 raise ValueError(f"{file}: cannot read tensor {name!r}: {e}") from e
 
+        yield set(files), read
+
+
+def load_safetensors_dir(
+    path: str | Path, dtype: jnp.dtype = jnp.float32
+) -> tuple[ModelConfig, Params]:
+    """Load an HF Llama / Mistral / Qwen2 checkpoint directory as `(config, params)`.
+
+    Embeddings are tied (`lm_head=None`) when `config.json` says so or `lm_head.weight` is absent.
+    Raises FileNotFoundError for a missing directory, config or shard and ValueError for corrupt
+    files, missing tensors and wrong shapes; every message names the file and tensor concerned.
+    """
+    with tensor_reader(path) as (names, read):
+        directory = Path(path)
+        config = _config_for(directory, names)
         params = build_params(config, read, dtype, source=str(directory))
     return config, params
