@@ -51,15 +51,11 @@ class SiglipConfig:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must be a multiple of num_attention_heads={self.num_heads}"
             )
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}"
-            )
         activation(self.hidden_act, "hidden_act")
 
     @property
     def grid(self) -> int:
-        """Patches per side (27 for SigLIP-so400m at 384 px)."""
+        """Patches per side (27 for SigLIP-so400m: 384 px // 14 px)."""
         return self.image_size // self.patch_size
 
     @property
@@ -201,6 +197,9 @@ def embed_patches(params: SiglipParams, pixel_values: jax.Array, config: SiglipC
             f"got {tuple(pixel_values.shape)}"
         )
     g, p = c.grid, c.patch_size
+    # A stride-p "valid" convolution ignores the last `image_size % p` rows and columns
+    # (384 px with 14 px patches: 27 patches cover 378 px).
+    pixel_values = pixel_values[:, :, : g * p, : g * p]
     patches = pixel_values.reshape(b, c.num_channels, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
     patches = patches.reshape(b, g * g, c.num_channels * p * p).astype(params.patch_w.dtype)
     return patches @ params.patch_w + params.patch_b + params.pos

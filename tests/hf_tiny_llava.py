@@ -1,8 +1,9 @@
 """A tiny random `LlavaOnevisionForConditionalGeneration` saved with `save_pretrained`.
 
-SigLIP at 28 px with 4 px patches: a 7x7 patch grid (odd, like the real 27x27), pooled to 4x4 =
-16 tokens per video frame. Crop grids are multiples of 28 px. Token ids 209/210 are the image
-and video placeholders of a 211-token Qwen2 vocabulary.
+SigLIP at 30 px with 4 px patches: a 7x7 patch grid (odd, like the real 27x27; 30 is no multiple
+of 4, as 384 is none of 14), pooled to 4x4 = 16 tokens per video frame. Crop grids are
+multiples of 30 px. Token ids 209/210 are the image and video placeholders of a 211-token Qwen2
+vocabulary.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-IMAGE_SIZE = 28
-PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56], [56, 84], [84, 56], [84, 84]]
+IMAGE_SIZE = 30
+PINPOINTS = [[30, 30], [30, 60], [60, 30], [60, 60], [60, 90], [90, 60], [90, 90]]
 VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=4, vision_use_head=False)
 TEXT = dict(model_type="qwen2", vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
@@ -23,15 +24,19 @@ TEXT = dict(model_type="qwen2", vocab_size=211, hidden_size=64, intermediate_siz
 IMAGE_TOKEN, VIDEO_TOKEN = 209, 210
 
 
-def save_tiny_llava(directory: Path, seed: int = 0, **overrides: Any) -> LlavaOnevisionForConditionalGeneration:
+def save_tiny_llava(
+    directory: Path, seed: int = 0, vision_config: dict[str, Any] | None = None, **overrides: Any
+) -> LlavaOnevisionForConditionalGeneration:
     """Create a random tiny LLaVA-OneVision, save it (float32) to `directory`, return it in eval mode.
 
-    `overrides` go to `LlavaOnevisionConfig` (e.g. `vision_feature_layer`, `vision_aspect_ratio`).
-    Norm weights and all biases are randomised so that every parameter affects the output.
+    `vision_config` entries replace those of `VISION`; `overrides` go to `LlavaOnevisionConfig`
+    (e.g. `vision_feature_layer`, `vision_aspect_ratio`). Norm weights and all biases are
+    randomised so that every parameter affects the output.
     """
     torch.manual_seed(seed)
-    config = LlavaOnevisionConfig(vision_config=dict(VISION), text_config=dict(TEXT), image_token_index=IMAGE_TOKEN,
-                                  video_token_index=VIDEO_TOKEN, image_grid_pinpoints=PINPOINTS, **overrides)
+    config = LlavaOnevisionConfig(vision_config=VISION | (vision_config or {}), text_config=dict(TEXT),
+                                  image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
+                                  image_grid_pinpoints=PINPOINTS, **overrides)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -155,6 +155,20 @@ def test_feature_layer_list_and_older_tensor_layout(tmp_path):
     np.testing.assert_allclose(np.asarray(ours), expected, atol=TOL, rtol=0)
 
 
+def test_real_frame_geometry_384px(tmp_path):
+    """384 px frames with 14 px patches (27x27, the last 6 pixel rows/columns unused) pool to
+    14x14 = 196 tokens, as in `transformers`."""
+    hf_model = save_tiny_llava(tmp_path, vision_config={"image_size": 384, "patch_size": 14})
+    config, params = llava.load_llava_onevision(tmp_path)
+    assert config.vision.grid == 27 and config.tokens_per_frame == 196
+    frames = np.random.default_rng(5).standard_normal((2, 3, 384, 384)).astype(np.float32)
+    with torch.no_grad():
+        expected = hf_model.model.get_video_features(torch.from_numpy(frames)[None]).pooler_output[0].numpy()
+    ours = video_features(params, jnp.asarray(frames), config=config, newline=True)
+    assert ours.shape == (2 * 196 + 1, config.text.hidden_size)
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=TOL, rtol=0)
+
+
 def test_errors_name_the_problem(tiny, tmp_path):
     directory, _, config, params = tiny
     tokens = jnp.asarray([[1, VIDEO_TOKEN, VIDEO_TOKEN, 2]])
@@ -163,7 +177,7 @@ def test_errors_name_the_problem(tiny, tmp_path):
     pixels = jnp.zeros((3, 3, IMAGE_SIZE, IMAGE_SIZE))
     with pytest.raises(ValueError, match=r"pixel_values has 3 crops.*\(7\)"):
         llava.image_features(params, pixels, (40, 70), config=config)
-    with pytest.raises(ValueError, match=r"pixel_values must have shape \[B, 3, 28, 28\]"):
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \[B, 3, 30, 30\]"):
         llava.video_features(params, jnp.zeros((1, 3, 32, 32)), config=config)
     cfg = json.loads((directory / "config.json").read_text())
     with pytest.raises(ValueError, match="vision_feature_select_strategy='default' is not supported"):
