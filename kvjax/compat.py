@@ -5,7 +5,8 @@ jax 0.10.x (Python 3.11, this CPU machine) and 0.11.x (the GPU machine) are supp
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,19 @@ def to_device(x: jax.Array) -> jax.Array:
     return jax.device_put(x, jax.memory.Space.Device)
 
 
+def on_host(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` computed on the host (XLA's `device_host` compute type); its operands must
+    live in host memory and its outputs stay there.
+
+    jax <= 0.11.0 spells this as a context manager, `compute_on("device_host")`; from 0.11.2 on
+    `compute_on` wraps a function and needs the outputs' memory space.
+    """
+    if "out_memory_spaces" in inspect.signature(compute_on).parameters:
+        return compute_on(fn, compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)(*args)
+    with compute_on("device_host"):
+        return fn(*args)
+
+
 def host_take(host: jax.Array, rows: jax.Array) -> jax.Array:
     """Rows of a host-memory array, copied to device memory; only those rows cross.
 
@@ -43,16 +57,12 @@ def host_take(host: jax.Array, rows: jax.Array) -> jax.Array:
     (XLA's `device_host` compute type), where all its operands must live: do index
     arithmetic before the call.
     """
-    rows = to_host(rows)
-    with compute_on("device_host"):
-        picked = jnp.take(host.reshape(-1, host.shape[-1]), rows, axis=0, mode="clip")
-    return to_device(picked)
+    take = lambda table, r: jnp.take(table.reshape(-1, table.shape[-1]), r, axis=0, mode="clip")
+    return to_device(on_host(take, host, to_host(rows)))
 
 
 def host_put(host: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
     """`host` with rows `rows` ([n] row numbers of its [N, d] view) set to `values` [n, d],
     updated in host memory (the values cross device -> host). Out-of-range rows are dropped."""
-    rows, values = to_host(rows), to_host(values.astype(host.dtype))
-    with compute_on("device_host"):
-        flat = host.reshape(-1, host.shape[-1]).at[rows].set(values, mode="drop")
-    return flat.reshape(host.shape)
+    put = lambda table, r, x: table.reshape(-1, table.shape[-1]).at[r].set(x, mode="drop").reshape(table.shape)
+    return on_host(put, host, to_host(rows), to_host(values.astype(host.dtype)))

@@ -14,3 +14,15 @@ IMPLS = ("xla", "pallas")
 def check_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
+
+
+def refuse_unverified_gpu(kernel: str, interpret: bool, why: str) -> None:
+    """Refuse to compile `kernel` for a GPU where it gave wrong results (jax 0.11.2's Triton
+    lowering on an H100, bench/results/gpu-tests-2026-11-23.md): a wrong answer must not pass
+    silently. Interpret mode and `impl="xla"` are unaffected."""
+    import jax
+
+    if not interpret and jax.default_backend() in ("gpu", "cuda", "rocm"):
+        raise NotImplementedError(
+            f"the Pallas kernel {kernel} disagrees with its reference when compiled for a GPU "
+            f"({why}); use impl='xla' on GPUs")

@@ -13,7 +13,7 @@ import jax
 import jax.experimental.pallas as pl
 import jax.numpy as jnp
 
-from pallas_kernels._util import check_impl, next_power_of_2
+from pallas_kernels._util import check_impl, next_power_of_2, refuse_unverified_gpu
 from pallas_kernels.compat import SQUEEZED, compiler_params, resolve_interpret
 
 NORM_EPS = 1e-12
@@ -161,17 +161,20 @@ def kmeans_assign_pallas(
     usable cluster get label C. A partial last key block is safe: rows are independent and
     out-of-range rows are never written.
 
-    Verified: CPU interpret mode only (jax 0.10); never compiled for a GPU or TPU. Written
-    for the Triton lowering on GPU (selected through `compat.compiler_params`; static
+    Verified: CPU interpret mode (jax 0.10). Compiled for an H100 (jax 0.11.2, Triton) it
+    returned wrong labels for G > 1 or a partial key block, so it refuses GPUs for now; not
+    yet run on a TPU. Written for the Triton lowering on GPU (`compat.compiler_params`; static
     power-of-two blocks >= 16 for its dot, no argmax primitive, comparisons instead of
     isfinite) and Mosaic TPU (whole-C centroid block in VMEM).
     """
+    interpret = resolve_interpret(interpret)
+    refuse_unverified_gpu("kmeans_assign", interpret, "wrong labels for G > 1 on an H100")
     return _kmeans_assign_pallas(
         keys,
         centroids,
         token_valid,
         cluster_valid,
-        interpret=resolve_interpret(interpret),
+        interpret=interpret,
         block_keys=block_keys,
     )
 
@@ -264,18 +267,21 @@ def kmeans_update_pallas(
     of the one-hot. Empty clusters keep their centroid. Labels are passed twice (as a row and
     as a column) so no in-kernel transpose is needed.
 
-    Verified: CPU interpret mode only (jax 0.10); never compiled for a GPU or TPU. Written
+    Verified: CPU interpret mode (jax 0.10). Compiled for an H100 (jax 0.11.2, Triton) its
+    sums and sizes were wrong, so it refuses GPUs for now; not yet run on a TPU. Written
     for the Triton lowering (the [n, d] key slab is a pointer there, power-of-two blocks
     >= 16 are sliced out with `pl.ds` in a `fori_loop`). On TPU the whole slab would be
     copied to VMEM, which bounds n * d (a production TPU version would stream key blocks
     with `emit_pipeline`). The one-hot matmul does C * n * d multiply-adds per problem
     (the reference's scatter-add does n * d): dense, atomic-free work instead.
     """
+    interpret = resolve_interpret(interpret)
+    refuse_unverified_gpu("kmeans_update", interpret, "wrong cluster sums and sizes on an H100")
     return _kmeans_update_pallas(
         keys,
         labels,
         centroids,
-        interpret=resolve_interpret(interpret),
+        interpret=interpret,
         block_keys=block_keys,
         block_clusters=block_clusters,
     )

@@ -12,7 +12,7 @@ import jax
 import jax.experimental.pallas as pl
 import jax.numpy as jnp
 
-from pallas_kernels._util import check_impl, next_power_of_2
+from pallas_kernels._util import check_impl, next_power_of_2, refuse_unverified_gpu
 from pallas_kernels.compat import SQUEEZED, compiler_params, resolve_interpret
 
 
@@ -126,15 +126,17 @@ def centroid_scores_pallas(
     Grid (B, Hkv, blocks of `block` clusters): each step reads a block of one KV head's
     centroids once and scores it against all G query heads of the group (static unroll).
 
-    Verified: CPU interpret mode only (jax 0.10); never compiled for a GPU or TPU. Written
-    for the Triton lowering on GPU (selected by `compat.compiler_params`): static
+    Verified: CPU interpret mode (jax 0.10) and, for float32 inputs, compiled for an H100
+    (jax 0.11.2, Triton); bfloat16 inputs gave wrong scores there, so a GPU refuses them for
+    now. Not yet run on a TPU. Written for the Triton lowering on GPU (selected by `compat.compiler_params`): static
     power-of-two blocks, elementwise products and row sums instead of a [G, d] x [d, C]
     matmul (Triton's dot rejects G < 16), and the [G, d] query-group block zero-padded to a
     power of two (3 -> 4; padded rows are never computed).
     """
-    return _centroid_scores_pallas(
-        q, centroids, valid, interpret=resolve_interpret(interpret), block=block
-    )
+    interpret = resolve_interpret(interpret)
+    if centroids.dtype != jnp.float32:
+        refuse_unverified_gpu("centroid_scores", interpret, f"{centroids.dtype} centroids on an H100")
+    return _centroid_scores_pallas(q, centroids, valid, interpret=interpret, block=block)
 
 
 def page_scores_pallas(
@@ -151,15 +153,17 @@ def page_scores_pallas(
     Grid (B, Hkv, blocks of `block` pages): each step reads a block of one KV head's page
     min/max digests once and computes Quest's bound for all G query heads of the group.
 
-    Verified: CPU interpret mode only (jax 0.10); never compiled for a GPU or TPU. Written
-    for the Triton lowering on GPU (selected by `compat.compiler_params`): static
+    Verified: CPU interpret mode (jax 0.10) and, for float32 inputs, compiled for an H100
+    (jax 0.11.2, Triton); bfloat16 inputs gave wrong scores there, so a GPU refuses them for
+    now. Not yet run on a TPU. Written for the Triton lowering on GPU (selected by `compat.compiler_params`): static
     power-of-two blocks, elementwise products and row sums instead of a [G, d] x [d, C]
     matmul (Triton's dot rejects G < 16), and the [G, d] query-group block zero-padded to a
     power of two (3 -> 4; padded rows are never computed).
     """
-    return _page_scores_pallas(
-        q, page_min, page_max, valid, interpret=resolve_interpret(interpret), block=block
-    )
+    interpret = resolve_interpret(interpret)
+    if page_min.dtype != jnp.float32:
+        refuse_unverified_gpu("page_scores", interpret, f"{page_min.dtype} digests on an H100")
+    return _page_scores_pallas(q, page_min, page_max, valid, interpret=interpret, block=block)
 
 
 def centroid_scores(

@@ -226,8 +226,9 @@ def sparse_decode_attention_pallas(
     MASKED + log(n * block_size), out = mean of the gathered v), but callers must not rely
     on that; tests check only the contract.
 
-    Verified: CPU interpret mode only (jax 0.10), both index paths; never compiled for a GPU
-    or TPU. Written for the Triton lowering on GPU, which `compat.compiler_params` selects
+    Verified: CPU interpret mode (jax 0.10), both index paths, and compiled for an H100
+    (jax 0.11.2, Triton; the blocked index path: Triton has no scalar prefetch). Not yet run
+    on a TPU. Written for the Triton lowering on GPU, which `compat.compiler_params` selects
     (jax >= 0.10 defaults to Mosaic GPU, which this kernel does not target): static
     power-of-two in-kernel shapes
     [block_size, d], [1, d], [1, 1] (d a power of two); scalar index reads and dynamic slices

@@ -9,6 +9,9 @@ import jax
 import pytest
 
 jax.config.update("jax_enable_x64", False)
+# Float32 matmuls on GPUs default to TF32 (10-bit mantissa); the tests compare against float32
+# and float64 references, so they ask every backend for full float32 products.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -306,9 +306,8 @@ def test_sparse_attention_reference_full_selection_is_dense_attention():
 # ----------------------------------------------------------------------------------------
 
 
-def test_interpret_defaults_to_true_on_cpu():
-    assert jax.default_backend() == "cpu"
-    assert compat.resolve_interpret(None) is True
+def test_interpret_defaults_to_true_on_cpu_only():
+    assert compat.resolve_interpret(None) is (jax.default_backend() == "cpu")
     assert compat.resolve_interpret(False) is False
 
 
@@ -443,6 +442,8 @@ SPARSE_CASES = [
 def test_sparse_decode_attention_pallas(
     b, hq, hkv, d, s, bs, n, chunk, valid_kind, dtype, prefetch
 ):
+    if prefetch and jax.default_backend() not in ("cpu", "tpu"):
+        pytest.skip("scalar prefetch is a TPU (Mosaic) feature; Triton has no lowering for it")
     rng = rng_for("sparse", b, hq, hkv, d, s, bs, n, chunk, valid_kind, prefetch)
     q, k, v, idx, valid = sparse_inputs(rng, b, hq, hkv, d, s, bs, n, valid_kind, dtype)
     args = tuple(map(jnp.asarray, (q, k, v, idx, valid)))

@@ -1,0 +1,131 @@
+"""FreeKV decode speed with host offload, against the same selection on the device and Full.
+
+At each context (default 8k/16k/32k) with budget 1024 on the SmolLM2 architecture (random
+weights; `--shape llama3-8b` on a GPU), one random dense prompt cache per context is built as
+in `bench/method_speed.py` and decoded by:
+
+- `full`: dense attention, the whole KV on the device;
+- `freekv_device`: FreeKV, speculative, every page on the device (`offload=False`);
+- `freekv_offload`: FreeKV, speculative, the pages in a host pool, the device holding
+  `budget` tokens of slots per layer (+ page digests);
+- `freekv_sync_offload`: the same with `speculative=False` (selection with the current query
+  every step, no correction).
+
+Reported: decode ms/token, device and host KV bytes, the correction rate (random keys and
+weights: queries of consecutive steps are nearly unrelated, so the rate is high and the
+speculative path pays for its corrections), and the ratios the FreeKV issue asks for.
+
+    .venv/bin/python -m bench.freekv --contexts 8192 16384 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+VARIANTS = ("full", "freekv_device", "freekv_offload", "freekv_sync_offload")
+
+
+def variants(budget: int) -> dict[str, Any]:
+    from bench.method_speed import freekv
+    from kvjax import Full
+
+    return {
+        "full": Full(),
+        "freekv_device": freekv(budget),
+        "freekv_offload": freekv(budget, offload=True),
+        "freekv_sync_offload": freekv(budget, offload=True, speculative=False),
+    }
+
+
+def ratios(m: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    ms = lambda n: m.get(n, {}).get("decode_ms_per_token")
+    div = lambda a, b: a / b if a and b else None
+    return {
+        "offload_over_device": div(ms("freekv_offload"), ms("freekv_device")),
+        "sync_offload_over_offload": div(ms("freekv_sync_offload"), ms("freekv_offload")),
+        "full_over_offload": div(ms("full"), ms("freekv_offload")),
+        "full_device_kv_over_offload": div(m.get("full", {}).get("device_kv_bytes"),
+                                           m.get("freekv_offload", {}).get("device_kv_bytes")),
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    names = [n for n in VARIANTS if any(n in r["methods"] for r in rows)]
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)
+    lines = ["| context | " + " | ".join(f"{n} ms/tok" for n in names)
+             + " | offload / device | sync / spec offload | device KV Full / offload (MiB) | correction rate |",
+             "|" + "---:|" * (len(names) + 5)]
+    for r in rows:
+        m, q = r["methods"], r["ratios"]
+        cells = [fmt(m.get(n, {}).get("decode_ms_per_token"), ".1f") for n in names]
+        mib = lambda n: m.get(n, {}).get("device_kv_bytes", 0) / 2**20
+        lines.append(
+            f"| {r['context']} | " + " | ".join(cells)
+            + f" | {fmt(q['offload_over_device'], '.2f')} | {fmt(q['sync_offload_over_offload'], '.2f')}"
+            + f" | {mib('full'):.0f} / {mib('freekv_offload'):.1f} ({fmt(q['full_device_kv_over_offload'], '.1f')})"
+            + f" | {fmt(m.get('freekv_offload', {}).get('freekv_correction_rate'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from bench.method_speed import SHAPES, shaped_model, time_decode
+    from kvjax.environment import environment
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768])
+    p.add_argument("--budget", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per variant")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--shape", choices=SHAPES, default="smollm2")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args(argv)
+    if any(c <= args.budget for c in args.contexts):
+        p.error(f"--contexts must exceed --budget {args.budget}, got {args.contexts}")
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)
+    env = environment()
+    model = shaped_model(args.shape, max(args.contexts) + args.steps + 64, args.dtype)
+    methods = variants(args.budget)
+    tag = "" if args.shape == "smollm2" else f"-{args.shape}"
+    output = args.output or REPO / "bench" / "results" / f"freekv{tag}-{env['backend']}-{datetime.date.today()}.json"
+
+    def save() -> None:  # after every method: a run cut short keeps what it measured
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({
+            "benchmark": "freekv",
+            "environment": env,
+            "settings": {"model": model.name, "shape": args.shape, "dtype": args.dtype,
+                         "budget": args.budget, "decode_steps": args.steps,
+                         "methods": {n: methods[n].describe() for n in args.variants},
+                         "cache_contents": "random normal keys/values (no real prefill); see bench/method_speed.py"},
+            "rows": rows,
+        }, indent=2) + "\n")
+
+    rows = []
+    for context in args.contexts:
+        row: dict[str, Any] = {"context": context, "methods": {}}
+        rows.append(row)
+        for name in args.variants:
+            res = time_decode(model, methods[name], context, args.steps, seed=context)
+            row["methods"][name] = res
+            save()
+            log(f"{context:>6} {name:>20}: {res['decode_ms_per_token']:.1f} ms/token, device KV "
+                f"{res['device_kv_bytes'] / 2**20:.1f} MiB, host KV {res.get('host_kv_bytes', 0) / 2**20:.1f} MiB")
+        row["ratios"] = ratios(row["methods"])
+        save()
+    log(f"# wrote {output}")
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
