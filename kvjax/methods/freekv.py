@@ -41,8 +41,20 @@ resident (one dynamic-size loop of block copies), into the slots of the lowest-s
 resident pages that are not selected; `recalled` counts the copied pages. Device slots are
 head-major `[B, Hkv, slots, d]` (the layout of every other cache here) rather than the
 paper's token-major layout. The digests (`[B, Hkv, pages, d]`) stay on the device.
-Not yet: the double-buffered asynchronous recall (item 7): the copies are synchronous,
-inside the step.
+
+**Streamed recall** (item 7, speculative offload): as soon as a layer has selected the pages
+of step `t + 1` (with `q_t`, after attending at step `t`) it copies the ones that are not
+resident into a staging buffer in the cache (`staged`, with its destinations and the slot
+map it implies). Step `t + 1` first scatters those blocks into their slots, then corrects
+the heads whose query moved (copying only what is still missing, synchronously) and attends.
+The copy and its consumer are ordinary data dependencies of the jitted decode loop: XLA may
+run the host -> device copy while the following layers of step `t` and the earlier layers of
+step `t + 1` compute, and no slot is read before its block is written. The loop carries one
+staging buffer per layer: the one a step consumes and the one it fills are distinct values
+(the double buffer); whether they share memory is XLA's choice, and they cannot where the
+copy overlaps the consumer. `prefetched` counts the pages copied ahead (a share of `recalled`); a
+mispredicted head's staged pages are copied in vain and counted like any other.
+`speculative=False` keeps the synchronous recall only.
 """
 
 from __future__ import annotations
@@ -92,6 +104,13 @@ class FreeKVLayerCache:
     slot_page: jax.Array | None = None  # [B, Hkv, k] int32 page held by each retrieved slot, -1 empty
     pool: jax.Array | None = None  # [B, S / page_size, Hkv, 2, page_size, d] pinned_host: every page
     recalled: jax.Array | None = None  # [B, Hkv] int32 pages copied host -> device so far
+    # offload=True with speculative=True: the recall for the next step, issued by this one.
+    prefetched: jax.Array | None = None  # [B, Hkv] int32: of `recalled`, pages copied ahead
+    staged: jax.Array | None = None  # [B * Hkv * k, 2, page_size, d] blocks copied for the next step
+    staged_at: jax.Array | None = None  # [B * Hkv * k, 3] int32 (row, head, first slot); slot
+    # `budget` marks an unused entry
+    staged_slot_page: jax.Array | None = None  # [B, Hkv, k] slot_page once `staged` is in place
+    staged_count: jax.Array | None = None  # [B, Hkv] int32 pages in `staged`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +160,15 @@ class FreeKV(SparseMethod):
         return self.page_size * math.ceil(spec.capacity / self.page_size)
 
     def decode_stats(self, cache) -> dict:
-        return correction_stats(cache.layers)
+        stats = correction_stats(cache.layers)
+        layers = [x for x in cache.layers if isinstance(x, FreeKVLayerCache) and x.recalled is not None]
+        if layers:
+            recalled = sum(int(np.asarray(x.recalled).sum()) for x in layers)
+            stats["freekv_pages_recalled"] = recalled
+            if self.speculative:
+                ahead = sum(int(np.asarray(x.prefetched).sum()) for x in layers)
+                stats["freekv_prefetched_share"] = ahead / recalled if recalled else None
+        return stats
 
     # ------------------------------------------------------------------------------------
     # Cache
@@ -165,11 +192,28 @@ class FreeKV(SparseMethod):
         if not self.offload:
             return FreeKVLayerCache(*empty_kv(spec, self.slots(spec)), **state)
         pool = (b, num_pages, hkv, 2, self.page_size, d)
-        return FreeKVLayerCache(
+        cache = FreeKVLayerCache(
             *empty_kv(spec, self.budget), **state,
             slot_page=jnp.full((b, hkv, self.top_pages), -1, jnp.int32),
             pool=to_host(jnp.zeros(pool, spec.dtype)),
             recalled=jnp.zeros((b, hkv), jnp.int32),
+        )
+        if not self.speculative:
+            return cache
+        n = b * hkv * self.top_pages
+        return cache.replace(
+            prefetched=jnp.zeros((b, hkv), jnp.int32),
+            staged=jnp.zeros((n, 2, self.page_size, d), spec.dtype),
+            **self._no_staging(cache.slot_page),
+        )
+
+    def _no_staging(self, slot_page: jax.Array) -> dict:
+        """Staging fields that stage nothing (after a prefill, or with nothing to prefetch)."""
+        n = slot_page.size
+        return dict(
+            staged_at=jnp.zeros((n, 3), jnp.int32).at[:, 2].set(self.budget),
+            staged_slot_page=slot_page,
+            staged_count=jnp.zeros(slot_page.shape[:2], jnp.int32),
         )
 
     def sparse_ingest(self, layer, cache: FreeKVLayerCache, k, v, lengths):
@@ -250,6 +294,8 @@ class FreeKV(SparseMethod):
 
     def sparse_attend(self, layer, cache: FreeKVLayerCache, q, k, v, lengths):
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        if self.offload and self.speculative:
+            cache = self._apply_staged(cache)
         pages, selected, scores, corrected = self.choose_pages(cache, q, lengths)
         if self.offload:
             out, new = self._offload_attend(cache, q, k, v, lengths, pages, selected, scores)
@@ -269,6 +315,8 @@ class FreeKV(SparseMethod):
                 corrections=cache.corrections + (corrected & cache.has_prev[:, None]).astype(jnp.int32),
                 checks=cache.checks + cache.has_prev.astype(jnp.int32),
             )
+            if self.offload:
+                new = self._stage(new, next_pages, next_valid, next_scores)
         return out.astype(q.dtype), new
 
     def _device_attend(self, cache, q, k, v, lengths, pages, selected):
@@ -326,33 +374,41 @@ class FreeKV(SparseMethod):
             buf = buf.at[:, :, :n_sink].set(src[:, :, :n_sink])
             return buf.at[:, :, ring0:].set(jnp.take_along_axis(src, ring, axis=2))
 
-        return cache.replace(
+        cache = cache.replace(
             k=fill(cache.k, kh), v=fill(cache.v, vh), pool=pool, page_min=lo, page_max=hi,
             slot_page=jnp.full_like(cache.slot_page, -1),
             recalled=jnp.zeros_like(cache.recalled),
         )
+        if not self.speculative:
+            return cache
+        return cache.replace(prefetched=jnp.zeros_like(cache.prefetched), **self._no_staging(cache.slot_page))
 
-    def _recall(self, cache, pages, selected, scores):
-        """Make the selected pages resident: copy only the missing ones from the host pool
-        into the slots of the lowest-scoring resident pages that are not selected.
+    def _plan(self, slot_page, pages, selected, scores):
+        """Where the selected pages that are not resident go: the slots of the lowest-scoring
+        resident pages that are not selected (free slots first).
 
-        Returns (k slots, v slots, slot_page, attended [B, Hkv, k] slot holds a selected
-        page, copied [B, Hkv] pages copied)."""
-        b, hkv, top = cache.slot_page.shape
-        p, d = self.page_size, cache.k.shape[3]
-        slot_page = cache.slot_page
+        Returns (slot_page once they are in, missing [B, Hkv, k] bool, target slot [B, Hkv, k])."""
+        top = slot_page.shape[2]
+        b, hkv = slot_page.shape[:2]
         hit = (slot_page[:, :, None, :] == pages[..., None]) & selected[..., None]  # [B, Hkv, sel, slot]
         missing = selected & ~hit.any(axis=3)
         needed = hit.any(axis=2)
         resident_score = jnp.take_along_axis(scores, jnp.maximum(slot_page, 0), axis=2)
         key = jnp.where(needed, jnp.inf, jnp.where(slot_page < 0, -jnp.inf, resident_score))
-        _, victims = jax.lax.top_k(-key, top)  # free slots first, then lowest scores
+        _, victims = jax.lax.top_k(-key, top)
         rank = prefix_sum(missing.astype(jnp.int32)) - 1
         target = jnp.take_along_axis(victims, jnp.maximum(rank, 0), axis=2)  # [B, Hkv, sel]
         rows, heads = jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None]
         slot_page = slot_page.at[rows, heads, jnp.where(missing, target, top)].set(pages, mode="drop")
+        return slot_page, missing, target
 
-        # Compact the missing (sequence, head, page) entries and copy exactly those blocks.
+    def _gather(self, pool, pages, missing, target, dtype):
+        """Copy exactly the missing (sequence, head, page) blocks host -> device, compacted.
+
+        Returns (blocks [n, 2, P, d], at [n, 3] int32 (row, head, first slot; slot `budget`
+        for the unused tail), n = B * Hkv * k)."""
+        b, hkv, top = pages.shape
+        p, d = self.page_size, pool.shape[-1]
         n = b * hkv * top
         flat = missing.reshape(-1)
         order = jnp.zeros(n, jnp.int32).at[jnp.where(flat, prefix_sum(flat.astype(jnp.int32)) - 1, n)].set(
@@ -363,19 +419,49 @@ class FreeKV(SparseMethod):
         def copy(i, stage):
             e = order[i]
             start = (e // (hkv * top), flat_pages[e], (e // top) % hkv, 0, 0, 0)
-            block = jax.lax.dynamic_slice(cache.pool, start, (1, 1, 1, 2, p, d))
+            block = jax.lax.dynamic_slice(pool, start, (1, 1, 1, 2, p, d))
             return stage.at[i].set(to_device(block)[0, 0, 0])
 
-        stage = jax.lax.fori_loop(0, count, copy, jnp.zeros((n, 2, p, d), cache.k.dtype))
-        # Scatter the staged blocks into their slots (token-major within the slot buffer).
-        e = order
-        slot = self.sink + target.reshape(-1)[e] * p  # first token slot of each entry
-        slot = jnp.where(jnp.arange(n) < count, slot, cache.k.shape[2])[:, None] + jnp.arange(p)
-        row, head = (e // (hkv * top))[:, None], ((e // top) % hkv)[:, None]
-        new_k = cache.k.at[row, head, slot].set(stage[:, 0], mode="drop")
-        new_v = cache.v.at[row, head, slot].set(stage[:, 1], mode="drop")
+        blocks = jax.lax.fori_loop(0, count, copy, jnp.zeros((n, 2, p, d), dtype))
+        slot = jnp.where(jnp.arange(n) < count, self.sink + target.reshape(-1)[order] * p, self.budget)
+        return blocks, jnp.stack([order // (hkv * top), (order // top) % hkv, slot], axis=1)
+
+    def _scatter(self, k, v, blocks, at):
+        """Write gathered blocks into their slots (token-major within each page slot)."""
+        slot = at[:, 2:3] + jnp.arange(self.page_size)  # out of range for unused entries: dropped
+        row, head = at[:, 0:1], at[:, 1:2]
+        return (k.at[row, head, slot].set(blocks[:, 0], mode="drop"),
+                v.at[row, head, slot].set(blocks[:, 1], mode="drop"))
+
+    def _recall(self, cache, pages, selected, scores):
+        """Make the selected pages resident, copying only the missing ones (synchronously).
+
+        Returns (k slots, v slots, slot_page, attended [B, Hkv, k] slot holds a selected
+        page, copied [B, Hkv] pages copied)."""
+        slot_page, missing, target = self._plan(cache.slot_page, pages, selected, scores)
+        blocks, at = self._gather(cache.pool, pages, missing, target, cache.k.dtype)
+        new_k, new_v = self._scatter(cache.k, cache.v, blocks, at)
         attended = ((slot_page[:, :, None, :] == pages[..., None]) & selected[..., None]).any(axis=2)
         return new_k, new_v, slot_page, attended, missing.sum(axis=2).astype(jnp.int32)
+
+    def _apply_staged(self, cache):
+        """The consuming side of the prefetch: scatter the blocks the previous step staged
+        into their slots and adopt its slot map (a data dependency of this step's recall and
+        attention, so nothing reads a slot before its block is in)."""
+        k, v = self._scatter(cache.k, cache.v, cache.staged, cache.staged_at)
+        return cache.replace(
+            k=k, v=v, slot_page=cache.staged_slot_page,
+            recalled=cache.recalled + cache.staged_count,
+            prefetched=cache.prefetched + cache.staged_count,
+        )
+
+    def _stage(self, cache, pages, selected, scores):
+        """The issuing side: copy the next step's speculative pages that are not resident into
+        the staging buffer now (the slots still serve this step; they are written next step)."""
+        slot_page, missing, target = self._plan(cache.slot_page, pages, selected, scores)
+        blocks, at = self._gather(cache.pool, pages, missing, target, cache.k.dtype)
+        return cache.replace(staged=blocks, staged_at=at, staged_slot_page=slot_page,
+                             staged_count=missing.sum(axis=2).astype(jnp.int32))
 
     def _offload_attend(self, cache, q, k, v, lengths, pages, selected, scores):
         p = self.page_size

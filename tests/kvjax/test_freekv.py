@@ -248,21 +248,32 @@ def test_offload_equals_on_device(method, lengths, steps):
 
 
 def test_offload_copies_only_missing_pages():
+    """Each step copies the pages its previous step staged (the speculative selection minus
+    what was resident) plus, synchronously, the selected pages still missing after that: for a
+    head whose speculation held, exactly the selected pages that were not resident."""
     method = FreeKV(budget=24, page_size=4, sink=4, recent=8, tau=0.1, dense_layers=0, offload=True)
     lengths, steps = [37, 20, 5], 14
-    observe = lambda c, q, n: (np.asarray(c.slot_page), np.asarray(c.recalled))
+    observe = lambda c, q, n: tuple(np.asarray(x) for x in (
+        c.slot_page, c.recalled, c.prefetched, c.staged_slot_page, c.next_pages, c.next_valid, c.has_prev))
     _, step_list, q, k, v = run_method(method, lengths, steps, seed=method.budget + method.recent, observe=observe)
-    total = 0
+    prefetched = exact = 0
     for before, after in zip(step_list, step_list[1:]):
-        slot_page, recalled = before[2]
+        slot_page, recalled, ahead, staged_map, next_pages, next_valid, has_prev = before[2]
         copied = after[2][1] - recalled
         for b, c in enumerate(before[1]):
             for m in range(HKV):
                 pages = set(np_step(q, k, b, c, c == lengths[b], method, m)[0])
-                assert copied[b, m] == len(pages - set(slot_page[b, m].tolist()))
+                resident = set(slot_page[b, m].tolist())
+                spec = set(next_pages[b, m][next_valid[b, m]].tolist()) if has_prev[b] else set()
+                staged = len(spec - resident)
+                assert after[2][2][b, m] - ahead[b, m] == staged
+                assert copied[b, m] == staged + len(pages - set(staged_map[b, m].tolist()))
+                if pages == spec:
+                    assert copied[b, m] == len(pages - resident)
+                    exact += 1
                 assert pages <= set(after[2][0][b, m].tolist())  # resident after the step
-                total += copied[b, m]
-    assert total > 0
+                prefetched += staged
+    assert prefetched > 0 and exact > 0
 
 
 def test_offload_repeated_query_copies_nothing_after_the_first_step():
