@@ -15,7 +15,12 @@ Reported: decode ms/token, device and host KV bytes, the correction rate (random
 weights: queries of consecutive steps are nearly unrelated, so the rate is high and the
 speculative path pays for its corrections), and the ratios the FreeKV issue asks for.
 
+`--real` uses the real SmolLM2-135M-Instruct instead, with a real dense prefill of novel
+text shared by the variants (contexts up to its trained 8k): the correction rate is then
+the model's own.
+
     .venv/bin/python -m bench.freekv --contexts 8192 16384 32768
+    .venv/bin/python -m bench.freekv --real --contexts 4096 7680
 """
 
 from __future__ import annotations
@@ -44,6 +49,26 @@ def variants(budget: int) -> dict[str, Any]:
         "freekv_offload": freekv(budget, offload=True),
         "freekv_sync_offload": freekv(budget, offload=True, speculative=False),
     }
+
+
+def real_prefill(model, context: int, steps: int):
+    """A dense prefill of the first `context` tokens of the novel (shared by the variants)."""
+    from bench.decode_speed import prompt_pool
+    from kvjax import Full
+    from kvjax.generation import prefill
+
+    ids, _ = prompt_pool(model.tokenizer, context)
+    return prefill(model, [ids[:context]], Full(), extra_tokens=steps + 1)
+
+
+def copy_prefill(pre):
+    """A copy of a prefill whose cache a decode may consume (donate)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    return dataclasses.replace(pre, cache=jax.tree.map(jnp.copy, pre.cache))
 
 
 def ratios(m: dict[str, dict[str, Any]]) -> dict[str, float | None]:
@@ -87,15 +112,22 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--shape", choices=SHAPES, default="smollm2")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--real", action="store_true",
+                   help="the real SmolLM2 weights and a real prefill of novel text (contexts <= 8k)")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
     if any(c <= args.budget for c in args.contexts):
         p.error(f"--contexts must exceed --budget {args.budget}, got {args.contexts}")
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     env = environment()
-    model = shaped_model(args.shape, max(args.contexts) + args.steps + 64, args.dtype)
+    if args.real:
+        import models
+
+        model = models.load("smollm2")
+    else:
+        model = shaped_model(args.shape, max(args.contexts) + args.steps + 64, args.dtype)
     methods = variants(args.budget)
-    tag = "" if args.shape == "smollm2" else f"-{args.shape}"
+    tag = "-real" if args.real else ("" if args.shape == "smollm2" else f"-{args.shape}")
     output = args.output or REPO / "bench" / "results" / f"freekv{tag}-{env['backend']}-{datetime.date.today()}.json"
 
     def save() -> None:  # after every method: a run cut short keeps what it measured
@@ -106,7 +138,8 @@ def main(argv=None) -> int:
             "settings": {"model": model.name, "shape": args.shape, "dtype": args.dtype,
                          "budget": args.budget, "decode_steps": args.steps,
                          "methods": {n: methods[n].describe() for n in args.variants},
-                         "cache_contents": "random normal keys/values (no real prefill); see bench/method_speed.py"},
+                         "cache_contents": ("a real dense prefill of novel text" if args.real else
+                                        "random normal keys/values (no real prefill); see bench/method_speed.py")},
             "rows": rows,
         }, indent=2) + "\n")
 
@@ -114,8 +147,10 @@ def main(argv=None) -> int:
     for context in args.contexts:
         row: dict[str, Any] = {"context": context, "methods": {}}
         rows.append(row)
+        shared = real_prefill(model, context, args.steps) if args.real else None
         for name in args.variants:
-            res = time_decode(model, methods[name], context, args.steps, seed=context)
+            pre = None if shared is None else copy_prefill(shared)
+            res = time_decode(model, methods[name], context, args.steps, seed=context, pre=pre)
             row["methods"][name] = res
             save()
             log(f"{context:>6} {name:>20}: {res['decode_ms_per_token']:.1f} ms/token, device KV "

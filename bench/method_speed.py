@@ -108,12 +108,13 @@ def random_prefill(model, context: int, extra: int, seed: int):
     return Prefilled(logits, cache, spec, bucket, 0.0, 0.0)
 
 
-def time_decode(model, method, context: int, steps: int, seed: int) -> dict[str, Any]:
-    """Convert a random dense prompt cache to `method` and decode `steps` tokens."""
+def time_decode(model, method, context: int, steps: int, seed: int, pre=None) -> dict[str, Any]:
+    """Convert a dense prompt cache (`pre`, consumed; default: random keys/values) to `method`
+    and decode `steps` tokens."""
     from kvjax import Full
     from kvjax.generation import _decode_from, convert
 
-    pre = random_prefill(model, context, steps + 1, seed)
+    pre = random_prefill(model, context, steps + 1, seed) if pre is None else pre
     t0 = time.perf_counter()
     if method != Full():
         pre = convert(pre, method)
