@@ -102,19 +102,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv=None) -> int:
-    from bench.method_speed import SHAPES, shaped_model, time_decode
+    from bench.method_speed import add_speed_args, shaped_model, time_decode
     from kvjax.environment import environment
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768])
-    p.add_argument("--budget", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=16, help="decode steps timed per variant")
+    add_speed_args(p, contexts=[8192, 16384, 32768])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--shape", choices=SHAPES, default="smollm2")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--real", action="store_true",
                    help="the real SmolLM2 weights and a real prefill of novel text (contexts <= 8k)")
-    p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
     if any(c <= args.budget for c in args.contexts):
         p.error(f"--contexts must exceed --budget {args.budget}, got {args.contexts}")

@@ -155,6 +155,19 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def add_speed_args(p, contexts: list[int]) -> None:
+    """Options shared by the speed benchmarks (this one and bench/freekv.py)."""
+    from pathlib import Path
+
+    p.add_argument("--contexts", type=int, nargs="+", default=contexts)
+    p.add_argument("--budget", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per method")
+    p.add_argument("--shape", choices=SHAPES, default="smollm2", help="model architecture (random weights)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="parameter and KV cache dtype")
+    p.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/...)")
+
+
 def main(argv=None) -> int:
     import argparse
     import datetime
@@ -165,18 +178,12 @@ def main(argv=None) -> int:
     from kvjax.environment import environment
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
-    p.add_argument("--budget", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=16, help="decode steps timed per method")
+    add_speed_args(p, contexts=[4096, 16384, 32768])
     p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
     p.add_argument("--pallas-max-context", type=int, default=4096,
                    help="skip clusterkv_pallas above this context (interpret mode on CPU is slow)")
     p.add_argument("--prefill-lengths", type=int, nargs="*", default=[4096],
                    help="contexts at which a real dense prefill is timed for the clustering share")
-    p.add_argument("--shape", choices=SHAPES, default="smollm2", help="model architecture (random weights)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="parameter and KV cache dtype")
-    p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     env = environment()

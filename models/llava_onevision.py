@@ -19,7 +19,6 @@ and reproduces `transformers`' `LlavaOnevisionForConditionalGeneration`:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -33,7 +32,7 @@ from flax import struct
 from kvjax.cache import Cache
 from kvjax.methods.base import Method
 from models import siglip
-from models.config import ModelConfig
+from models.config import ModelConfig, read_json_config
 from models.llama import forward_embeddings
 from models.params import Params
 from models.safetensors_loader import build_params as build_text_params
@@ -118,14 +117,7 @@ class LlavaOnevisionConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> LlavaOnevisionConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_hf_dict(cfg)
+        return cls.from_hf_dict(read_json_config(path))
 
 
 @struct.dataclass
