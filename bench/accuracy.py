@@ -42,8 +42,10 @@ if str(REPO) not in sys.path:  # allow `python bench/accuracy.py` as well as `-m
 
 RESULTS = REPO / "bench" / "results"
 DEFAULT_TASKS = ("passkey", "niah_multikey", "variable_tracking", "kv_retrieval")
-METHOD_NAMES = ("full", "streaming_llm", "quest", "clusterkv")
-DISPLAY = {"full": "Full", "streaming_llm": "StreamingLLM", "quest": "Quest", "clusterkv": "ClusterKV"}
+METHOD_NAMES = ("full", "streaming_llm", "quest", "clusterkv", "freekv", "freekv_tau09")
+DISPLAY = {"full": "Full", "streaming_llm": "StreamingLLM", "quest": "Quest", "clusterkv": "ClusterKV",
+           "freekv": "FreeKV (tau 0.8)", "freekv_tau09": "FreeKV (tau 0.9)"}
+DEFAULT_METHODS = ("full", "streaming_llm", "quest", "clusterkv")
 QUESTION_BUCKET = 64  # questions are padded to a multiple of this (decode compiles once)
 GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -75,8 +77,13 @@ def method_grid(names: Sequence[str], budgets: Sequence[int]) -> list[tuple[str,
 
 
 def build_method(name: str, budget: int | None):
+    """A method by name. FreeKV's sink and recent scale with the budget (1/8 and 1/4, pages
+    of 16 tokens: its defaults need a 1056-token budget); `freekv_tau09` corrects at tau 0.9."""
+    from bench.method_speed import freekv
     from kvjax.methods import make_method
 
+    if name.startswith("freekv"):
+        return freekv(budget, page_size=16, tau=0.9 if name == "freekv_tau09" else 0.8)
     return make_method(name) if budget is None else make_method(name, budget=budget)
 
 
@@ -507,7 +514,8 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
         log("# no plot: no results")
         return None
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
-    colors = {"full": "black", "streaming_llm": "tab:orange", "quest": "tab:blue", "clusterkv": "tab:green"}
+    colors = {"full": "black", "streaming_llm": "tab:orange", "quest": "tab:blue", "clusterkv": "tab:green",
+              "freekv": "tab:red", "freekv_tau09": "tab:purple"}
     for i, length in enumerate(acc_lengths):
         for j, task in enumerate(tasks):
             ax = axes[i][j]
@@ -573,7 +581,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 7168], help="prompt tokens")
     p.add_argument("--budgets", type=int, nargs="+", default=[128, 256, 512, 1024])
-    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHOD_NAMES)
     p.add_argument("--seeds", type=int, nargs="+", default=[10],
                    help="seeds 0..N-1: one count for every length, or one count per length")
     p.add_argument("--haystack", default=None,

@@ -72,12 +72,12 @@ def methods(budget: int) -> dict[str, Any]:
     }
 
 
-def freekv(budget: int, **kwargs):
+def freekv(budget: int, page_size: int = 32, **kwargs):
     """FreeKV at `budget`: the paper's sink/recent (512 each) fill a 1024 budget on their own,
-    so sink and recent scale with the budget (1/8 and 1/4 of it), pages of 32 tokens."""
+    so sink and recent scale with the budget (1/8 and 1/4 of it)."""
     from kvjax import FreeKV
 
-    return FreeKV(budget=budget, page_size=32, sink=budget // 8, recent=budget // 4, **kwargs)
+    return FreeKV(budget=budget, page_size=page_size, sink=budget // 8, recent=budget // 4, **kwargs)
 
 
 def random_prefill(model, context: int, extra: int, seed: int):
