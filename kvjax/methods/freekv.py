@@ -49,11 +49,14 @@ map it implies). Step `t + 1` first scatters those blocks into their slots, then
 the heads whose query moved (copying only what is still missing, synchronously) and attends.
 The copy and its consumer are ordinary data dependencies of the jitted decode loop: XLA may
 run the host -> device copy while the following layers of step `t` and the earlier layers of
-step `t + 1` compute, and no slot is read before its block is written. The loop carries one
-staging buffer per layer: the one a step consumes and the one it fills are distinct values
-(the double buffer); whether they share memory is XLA's choice, and they cannot where the
-copy overlaps the consumer. `prefetched` counts the pages copied ahead (a share of `recalled`); a
-mispredicted head's staged pages are copied in vain and counted like any other.
+step `t + 1` compute, and no slot is read before its block is written. The staging buffer
+holds `prefetch_pages` pages per KV head (default `k / 4`: consecutive selections share most
+pages, and the buffer is device memory beyond the `budget` slots); pages that do not fit are
+recalled by the consuming step itself. The loop carries one staging buffer per layer: the
+one a step consumes and the one it fills are distinct values (the double buffer); whether
+they share memory is XLA's choice, and they cannot where the copy overlaps the consumer.
+`prefetched` counts the pages copied ahead (a share of `recalled`); a mispredicted head's
+staged pages are copied in vain and counted like any other.
 `speculative=False` keeps the synchronous recall only.
 """
 
@@ -125,6 +128,7 @@ class FreeKV(SparseMethod):
     dense_layers: int = 1
     speculative: bool = True
     offload: bool = False
+    prefetch_pages: int | None = None
     impl: str = "xla"
 
     name = "freekv"
@@ -147,9 +151,17 @@ class FreeKV(SparseMethod):
             )
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 < self.tau <= 1:
             raise ValueError(f"tau must be a number in (0, 1], got {self.tau!r}")
+        if self.prefetch_pages is not None:
+            check_int("prefetch_pages", self.prefetch_pages, 1)
         for name in ("speculative", "offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def staged_pages(self) -> int:
+        """Pages per KV head the streamed recall can stage (`prefetch_pages`, default k / 4)."""
+        limit = max(1, self.top_pages // 4) if self.prefetch_pages is None else self.prefetch_pages
+        return min(limit, self.top_pages)
 
     @property
     def top_pages(self) -> int:
@@ -200,7 +212,7 @@ class FreeKV(SparseMethod):
         )
         if not self.speculative:
             return cache
-        n = b * hkv * self.top_pages
+        n = b * hkv * self.staged_pages
         return cache.replace(
             prefetched=jnp.zeros((b, hkv), jnp.int32),
             staged=jnp.zeros((n, 2, self.page_size, d), spec.dtype),
@@ -209,7 +221,7 @@ class FreeKV(SparseMethod):
 
     def _no_staging(self, slot_page: jax.Array) -> dict:
         """Staging fields that stage nothing (after a prefill, or with nothing to prefetch)."""
-        n = slot_page.size
+        n = slot_page.shape[0] * slot_page.shape[1] * self.staged_pages
         return dict(
             staged_at=jnp.zeros((n, 3), jnp.int32).at[:, 2].set(self.budget),
             staged_slot_page=slot_page,
@@ -383,9 +395,10 @@ class FreeKV(SparseMethod):
             return cache
         return cache.replace(prefetched=jnp.zeros_like(cache.prefetched), **self._no_staging(cache.slot_page))
 
-    def _plan(self, slot_page, pages, selected, scores):
+    def _plan(self, slot_page, pages, selected, scores, limit: int | None = None):
         """Where the selected pages that are not resident go: the slots of the lowest-scoring
-        resident pages that are not selected (free slots first).
+        resident pages that are not selected (free slots first). With `limit`, only the first
+        `limit` missing pages per head are planned (the rest stay missing).
 
         Returns (slot_page once they are in, missing [B, Hkv, k] bool, target slot [B, Hkv, k])."""
         top = slot_page.shape[2]
@@ -397,22 +410,24 @@ class FreeKV(SparseMethod):
         key = jnp.where(needed, jnp.inf, jnp.where(slot_page < 0, -jnp.inf, resident_score))
         _, victims = jax.lax.top_k(-key, top)
         rank = prefix_sum(missing.astype(jnp.int32)) - 1
+        if limit is not None:
+            missing = missing & (rank < limit)
         target = jnp.take_along_axis(victims, jnp.maximum(rank, 0), axis=2)  # [B, Hkv, sel]
         rows, heads = jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None]
         slot_page = slot_page.at[rows, heads, jnp.where(missing, target, top)].set(pages, mode="drop")
         return slot_page, missing, target
 
-    def _gather(self, pool, pages, missing, target, dtype):
-        """Copy exactly the missing (sequence, head, page) blocks host -> device, compacted.
+    def _gather(self, pool, pages, missing, target, dtype, n: int):
+        """Copy exactly the missing (sequence, head, page) blocks host -> device, compacted
+        into `n` entries (at least the number missing).
 
         Returns (blocks [n, 2, P, d], at [n, 3] int32 (row, head, first slot; slot `budget`
-        for the unused tail), n = B * Hkv * k)."""
+        for the unused tail))."""
         b, hkv, top = pages.shape
         p, d = self.page_size, pool.shape[-1]
-        n = b * hkv * top
         flat = missing.reshape(-1)
         order = jnp.zeros(n, jnp.int32).at[jnp.where(flat, prefix_sum(flat.astype(jnp.int32)) - 1, n)].set(
-            jnp.arange(n, dtype=jnp.int32), mode="drop")
+            jnp.arange(flat.size, dtype=jnp.int32), mode="drop")
         count = flat.sum()
         flat_pages = pages.reshape(-1)
 
@@ -439,7 +454,7 @@ class FreeKV(SparseMethod):
         Returns (k slots, v slots, slot_page, attended [B, Hkv, k] slot holds a selected
         page, copied [B, Hkv] pages copied)."""
         slot_page, missing, target = self._plan(cache.slot_page, pages, selected, scores)
-        blocks, at = self._gather(cache.pool, pages, missing, target, cache.k.dtype)
+        blocks, at = self._gather(cache.pool, pages, missing, target, cache.k.dtype, pages.size)
         new_k, new_v = self._scatter(cache.k, cache.v, blocks, at)
         attended = ((slot_page[:, :, None, :] == pages[..., None]) & selected[..., None]).any(axis=2)
         return new_k, new_v, slot_page, attended, missing.sum(axis=2).astype(jnp.int32)
@@ -457,9 +472,11 @@ class FreeKV(SparseMethod):
 
     def _stage(self, cache, pages, selected, scores):
         """The issuing side: copy the next step's speculative pages that are not resident into
-        the staging buffer now (the slots still serve this step; they are written next step)."""
-        slot_page, missing, target = self._plan(cache.slot_page, pages, selected, scores)
-        blocks, at = self._gather(cache.pool, pages, missing, target, cache.k.dtype)
+        the staging buffer now (the slots still serve this step; they are written next step).
+        At most `prefetch_pages` per head: the consuming step recalls any others itself."""
+        limit = self.staged_pages
+        slot_page, missing, target = self._plan(cache.slot_page, pages, selected, scores, limit)
+        blocks, at = self._gather(cache.pool, pages, missing, target, cache.k.dtype, cache.staged.shape[0])
         return cache.replace(staged=blocks, staged_at=at, staged_slot_page=slot_page,
                              staged_count=missing.sum(axis=2).astype(jnp.int32))
 

@@ -247,11 +247,14 @@ def test_offload_equals_on_device(method, lengths, steps):
         np.testing.assert_allclose(b, a, atol=2e-5, rtol=0)
 
 
-def test_offload_copies_only_missing_pages():
+@pytest.mark.parametrize("prefetch_pages", [None, 3], ids=["staging-1-page", "staging-all-k"])
+def test_offload_copies_only_missing_pages(prefetch_pages):
     """Each step copies the pages its previous step staged (the speculative selection minus
-    what was resident) plus, synchronously, the selected pages still missing after that: for a
-    head whose speculation held, exactly the selected pages that were not resident."""
-    method = FreeKV(budget=24, page_size=4, sink=4, recent=8, tau=0.1, dense_layers=0, offload=True)
+    what was resident, up to the staging size) plus, synchronously, the selected pages still
+    missing after that: for a head whose speculation held, exactly the selected pages that
+    were not resident."""
+    method = FreeKV(budget=24, page_size=4, sink=4, recent=8, tau=0.1, dense_layers=0, offload=True,
+                    prefetch_pages=prefetch_pages)
     lengths, steps = [37, 20, 5], 14
     observe = lambda c, q, n: tuple(np.asarray(x) for x in (
         c.slot_page, c.recalled, c.prefetched, c.staged_slot_page, c.next_pages, c.next_valid, c.has_prev))
@@ -265,7 +268,7 @@ def test_offload_copies_only_missing_pages():
                 pages = set(np_step(q, k, b, c, c == lengths[b], method, m)[0])
                 resident = set(slot_page[b, m].tolist())
                 spec = set(next_pages[b, m][next_valid[b, m]].tolist()) if has_prev[b] else set()
-                staged = len(spec - resident)
+                staged = min(len(spec - resident), method.staged_pages)
                 assert after[2][2][b, m] - ahead[b, m] == staged
                 assert copied[b, m] == staged + len(pages - set(staged_map[b, m].tolist()))
                 if pages == spec:
