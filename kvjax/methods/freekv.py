@@ -328,7 +328,13 @@ class FreeKV(SparseMethod):
                 checks=cache.checks + cache.has_prev.astype(jnp.int32),
             )
             if self.offload:
-                new = self._stage(new, next_pages, next_valid, next_scores)
+                # Pages from the current token's page on are not complete in the pool before
+                # `_write_pool`: the next step recalls those itself (only with recent == P can
+                # such a page be a candidate at all).
+                complete = next_pages < (lengths // self.page_size)[:, None, None]
+                new = self._stage(new, next_pages, next_valid & complete, next_scores)
+        if self.offload:
+            new = self._write_pool(new, k, v, lengths)
         return out.astype(q.dtype), new
 
     def _device_attend(self, cache, q, k, v, lengths, pages, selected):
@@ -494,20 +500,27 @@ class FreeKV(SparseMethod):
         ], axis=2)
         out = merge_parts([attention_part(q, new_k, new_v, valid), current_token_part(q, k, v)])
 
-        # Write the current token: its recent-ring slot, its sink slot (short prompts), the pool.
+        # Write the current token: its recent-ring slot and its sink slot (short prompts).
         nr, ring0 = self.recent // p, self.budget - self.recent
         page, offset = lengths // p, lengths % p
         ring_slot = ring0 + (page % nr) * p + offset
         sink_slot = jnp.where(lengths < self.sink, lengths, self.budget)  # out of range: dropped
         for slot in (ring_slot, sink_slot):
             new_k, new_v = write_token(new_k, slot, k), write_token(new_v, slot, v)
+        return out, cache.replace(k=new_k, v=new_v, slot_page=slot_page, recalled=cache.recalled + copied)
+
+    def _write_pool(self, cache, k, v, lengths):
+        """Append the current token to its page in the host pool (one small copy per sequence).
+
+        Done last in a step: a pool read after this write (the recall) made XLA copy the whole
+        pool every step, which cost more than the recall itself."""
+        page, offset = lengths // self.page_size, lengths % self.page_size
         pool = cache.pool
         token = jnp.stack([k, v], axis=2)  # [B, Hkv, 2, d]
-        for row in range(b):  # one small device -> host copy per sequence
+        for row in range(k.shape[0]):
             update = to_host(token[row][None, None, :, :, None, :])
             pool = jax.lax.dynamic_update_slice(pool, update, (row, page[row], 0, 0, offset[row], 0))
-        return out, cache.replace(k=new_k, v=new_v, slot_page=slot_page, pool=pool,
-                                  recalled=cache.recalled + copied)
+        return cache.replace(pool=pool)
 
 
 def correction_stats(layers) -> dict:
