@@ -164,6 +164,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`kvjax bench all|compare ...`: the benchmark scripts of a source checkout (bench/)."""
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "bench" / "suite.py").is_file():
+        raise FileNotFoundError(f"kvjax bench needs the bench/ folder of a source checkout (looked in {repo})")
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    from bench import suite
+
+    return suite.main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kvjax.eval.tasks import TASKS
 
@@ -206,11 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2")
     d.add_argument("--tokens", type=int, default=6000, help="prompt length in tokens")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="speed benchmarks: 'all [--preset P]' or 'compare FILES [--plot PNG]'",
+                       add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser (bench/suite.py) takes every option, --help too
+        args = argparse.Namespace(command="bench", func=cmd_bench, bench_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

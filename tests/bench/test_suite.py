@@ -1,0 +1,43 @@
+"""`kvjax bench compare` on committed result files (the `all` runs themselves take minutes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import suite
+from kvjax.cli import main as kvjax_main
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+CPU = RESULTS / "method_speed-cpu-2026-11-22.json"
+GPU = RESULTS / "freekv-gpu-2026-11-23.json"
+
+
+def test_compare_rows_table_and_plot(tmp_path, capsys):
+    rows = suite.speed_rows(CPU) + suite.speed_rows(GPU)
+    for path in (CPU, GPU):
+        data = json.loads(path.read_text())
+        for r in data["rows"]:
+            full = r["methods"]["full"]["decode_ms_per_token"]
+            for method, m in r["methods"].items():
+                (row,) = [x for x in rows if x["file"] == path.name and x["context"] == r["context"]
+                          and x["method"] == method]
+                assert row["ms_per_token"] == m["decode_ms_per_token"]
+                assert row["speedup_over_full"] == pytest.approx(full / m["decode_ms_per_token"])
+    png = tmp_path / "compare.png"
+    assert kvjax_main(["bench", "compare", str(CPU), str(GPU), "--plot", str(png)]) == 0
+    table = capsys.readouterr().out
+    assert len(table.strip().splitlines()) == len(rows) + 2  # header, rule, one line per row
+    row = next(x for x in rows if x["method"] == "clusterkv_xla" and x["context"] == 32768)
+    assert f"| {row['ms_per_token']:.1f} | {row['speedup_over_full']:.2f}x |" in table
+    assert png.stat().st_size > 10_000
+
+
+def test_compare_rejects_other_files(tmp_path, capsys):
+    accuracy = RESULTS / "accuracy-cpu-2026-11-22.json"
+    with pytest.raises(ValueError, match="not a speed result"):
+        suite.speed_rows(accuracy)
+    assert kvjax_main(["bench", "compare", str(tmp_path / "missing.json")]) == 2
+    assert "result files not found" in capsys.readouterr().err
