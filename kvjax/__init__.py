@@ -6,6 +6,9 @@ Front (uses `models`): `kvjax.generate`, `kvjax.eval`, the `kvjax` CLI.
 
 from kvjax.cache import Cache, CacheSpec, init_cache, kv_bytes
 from kvjax.methods import ClusterKV, FreeKV, Full, Method, Quest, StreamingLLM
+from kvjax.methods.full_video import FullVideo
+from kvjax.methods.livevlm import LiveVLM
+from kvjax.methods.rekv import ReKV
 
 __version__ = "0.1.0"
 
@@ -17,6 +20,10 @@ def __getattr__(name):
         from kvjax import generation as _generation
 
         return getattr(_generation, name)
+    if name in ("StreamSession", "StreamAnswer"):
+        from kvjax import stream as _stream
+
+        return getattr(_stream, name)
     raise AttributeError(f"module 'kvjax' has no attribute {name!r}")
 
 
@@ -26,9 +33,14 @@ __all__ = [
     "ClusterKV",
     "FreeKV",
     "Full",
+    "FullVideo",
     "GenerationOutput",
+    "LiveVLM",
     "Method",
     "Quest",
+    "ReKV",
+    "StreamAnswer",
+    "StreamSession",
     "StreamingLLM",
     "chat_prompt",
     "generate",

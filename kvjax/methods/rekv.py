@@ -1,0 +1,107 @@
+"""`ReKV`: streaming baseline with the long-term frames offloaded to host memory.
+
+ALGORITHMS.md section 5 item 6. Clips are encoded against `[init | short-term]` only (a
+sliding window: the long-term memory is on the host). Frames leaving the FIFO are written
+uncompressed to `pinned_host` buffers, and their mean pre-RoPE key per KV head stays on the
+device. At question time each layer scores every long-term frame by the mean over KV heads
+of `mean question query . mean frame key`, copies the top `retrieve_frames` frames (in
+temporal order) from the host and attends to `[init | retrieved | short-term | question]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.compat import host_take, to_host
+from kvjax.methods.base import check_int, prefix_sum
+from kvjax.methods.stream_memory import (
+    Moved, Segment, StreamLayer, StreamLayout, StreamMethod, StreamState, mean_query,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReKV(StreamMethod):
+    retrieve_frames: int = 64
+
+    name = "rekv"
+    offloaded = True
+
+    def validate(self, layout: StreamLayout) -> None:
+        super().validate(layout)
+        check_int("retrieve_frames", self.retrieve_frames, 1)
+
+    def frame_capacity(self, needed: int) -> int:
+        return max(64, 1 << math.ceil(math.log2(max(needed, 1))))
+
+    def encode_bound(self, layout: StreamLayout) -> int:
+        return layout.init_tokens + self.short_capacity(layout) + self.move_capacity(layout)
+
+    def answer_bound(self, layout: StreamLayout, question_tokens: int) -> int:
+        retrieved = self.retrieve_frames * layout.frame_tokens
+        return layout.init_tokens + retrieved + self.short_capacity(layout) + question_tokens
+
+    def _place(self, x: jax.Array) -> jax.Array:
+        return to_host(x)
+
+    def encode_memory(self, layout: StreamLayout, layer: StreamLayer, state: StreamState) -> Segment | None:
+        return None
+
+    def _moved_frames(self, moved: Moved) -> tuple[jax.Array, jax.Array]:
+        """Clip-local frame index of each moved token (clip_frames when not valid) and the
+        number of tokens of each moved frame [clip_frames]."""
+        local = jnp.where(moved.valid, moved.frame - moved.frame[0], self.clip_frames)
+        counts = jnp.zeros(self.clip_frames + 1, jnp.int32).at[local].add(1)[: self.clip_frames]
+        return local, counts
+
+    def store(self, layout: StreamLayout, layer: StreamLayer, state: StreamState, moved: Moved,
+              long_scores: jax.Array | None) -> StreamLayer:
+        # One block copy per buffer; slots past the valid tokens are rewritten by the next clip.
+        start = (0, state.long_len, 0)
+        long_k = jax.lax.dynamic_update_slice(layer.long_k, to_host(moved.k.astype(layer.long_k.dtype)), start)
+        long_v = jax.lax.dynamic_update_slice(layer.long_v, to_host(moved.v.astype(layer.long_v.dtype)), start)
+        local, counts = self._moved_frames(moved)
+        hkv, _, d = moved.k.shape
+        sums = jnp.zeros((hkv, self.clip_frames + 1, d), jnp.float32).at[:, local].add(moved.k.astype(jnp.float32))
+        means = sums[:, : self.clip_frames] / jnp.maximum(counts, 1)[None, :, None]
+        slot = self._frame_slots(state, counts, layer.frame_keys.shape[1])
+        frame_keys = layer.frame_keys.at[:, slot].set(means.astype(layer.frame_keys.dtype), mode="drop")
+        return layer.replace(long_k=long_k, long_v=long_v, frame_keys=frame_keys)
+
+    def _frame_slots(self, state: StreamState, counts: jax.Array, capacity: int) -> jax.Array:
+        """Frame-table slots of the moved frames (capacity, i.e. dropped, for absent ones)."""
+        return jnp.where(counts > 0, state.long_frames + jnp.arange(self.clip_frames), capacity)
+
+    def update_index(self, layout: StreamLayout, state: StreamState, moved: Moved) -> StreamState:
+        _, counts = self._moved_frames(moved)
+        slot = self._frame_slots(state, counts, state.frame_len.shape[0])
+        starts = state.long_len + prefix_sum(counts) - counts
+        return state.replace(
+            long_len=state.long_len + moved.valid.sum(),
+            long_frames=state.long_frames + (counts > 0).sum(),
+            frame_start=state.frame_start.at[slot].set(starts, mode="drop"),
+            frame_len=state.frame_len.at[slot].set(counts, mode="drop"),
+        )
+
+    def retrieve(self, layout: StreamLayout, layer: StreamLayer, state: StreamState, q: jax.Array,
+                 q_valid: jax.Array) -> Segment:
+        hkv, cap, d = layer.long_k.shape
+        frames = layer.frame_keys.shape[1]
+        top = min(self.retrieve_frames, frames)
+        scores = jnp.einsum("hd,hfd->f", mean_query(q, q_valid, hkv), layer.frame_keys.astype(jnp.float32))
+        _, chosen = jax.lax.top_k(jnp.where(jnp.arange(frames) < state.long_frames, scores, -jnp.inf), top)
+        count = jnp.minimum(state.long_frames, top)
+        chosen = jnp.sort(jnp.where(jnp.arange(top) < count, chosen, frames))  # temporal order
+        chosen_ok = jnp.arange(top) < count
+        chosen = jnp.minimum(chosen, frames - 1)
+        ft = layout.frame_tokens
+        offset = jnp.arange(ft)
+        slots = state.frame_start[chosen][:, None] + offset  # [top, ft]
+        valid = chosen_ok[:, None] & (offset < state.frame_len[chosen][:, None])
+        rows = (jnp.arange(hkv)[:, None] * cap + jnp.clip(slots.reshape(-1), 0, cap - 1)).reshape(-1)
+        k = host_take(layer.long_k, rows).reshape(hkv, top * ft, d)
+        v = host_take(layer.long_v, rows).reshape(hkv, top * ft, d)
+        return k, v, valid.reshape(-1)

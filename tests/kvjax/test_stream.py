@@ -1,0 +1,239 @@
+"""`StreamSession` with `LiveVLM`, `FullVideo` and `ReKV` (ALGORITHMS.md section 5).
+
+Tiny random model (the `tiny_lm` fixture: 2 layers, 512 trained positions, the SmolLM2
+tokenizer): exactness against `FullVideo`, bounded device memory, discarded question KV, one
+compile per shape, clear errors. VSB and PaR against literal numpy references. One real-model
+test: a SmolLM2 caption stream with one early fact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import FullVideo, LiveVLM, ReKV, StreamingLLM, StreamSession, generate
+from kvjax.generation import COMPILE_COUNTS
+from kvjax.methods import Full
+from kvjax.methods.livevlm import par_select, vsb_keep
+from kvjax.stream import default_templates
+
+FRAME_TOKENS = 24
+SMALL = dict(short_frames=2, clip_frames=2)  # fits the tiny model's 512 positions
+# Tests share these configurations (and question shapes): each compiles once per session.
+LIVE = LiveVLM(memory_tokens=32, **SMALL)
+FULL = FullVideo(**SMALL)
+QUESTION, NEW = "Who crossed the square?", 4
+WHO = ["a jogger", "a cyclist", "a delivery van", "two children", "a bus", "an old man with a dog", "a taxi"]
+WHAT = ["passed the bridge", "stopped at the corner", "crossed the square", "waited by the fountain",
+        "turned left at the bakery", "parked near the school"]
+
+
+def captions(n: int, seed: int, fact_at: int | None = None) -> tuple[list[str], int]:
+    """`n` caption frames ("Minute 17: a jogger passed the bridge.") and, at frame `fact_at`,
+    one fact: a four-digit number written on a wall. Returns (lines, number)."""
+    rng = np.random.default_rng(seed)
+    lines = [f"Minute {i + 1}: {rng.choice(WHO)} {rng.choice(WHAT)}.\n" for i in range(n)]
+    number = int(rng.integers(1000, 9999))
+    if fact_at is not None:
+        lines[fact_at] = f"Minute {fact_at + 1}: the door code {number} was written on the wall.\n"
+    return lines, number
+
+
+def session(model, method, lines: list[str]) -> StreamSession:
+    s = StreamSession(model, method, frame_tokens=FRAME_TOKENS)
+    for line in lines:
+        s.add_text(line)
+    return s
+
+
+# --- Vision Sink Bucketing and Position-agnostic Retrieval against numpy ------------------------
+
+
+def vsb_reference(scores: np.ndarray, n: int, m: int, sink_fraction: float, bucket_size: int) -> np.ndarray:
+    """The two-phase walk of ALGORITHMS.md section 5 item 4, one token at a time."""
+    keep = np.zeros(len(scores), bool)
+    if n <= m:
+        keep[:n] = True
+        return keep
+    order = np.argsort(-scores[:n], kind="stable")
+    sink = int(sink_fraction * m)
+    keep[order[:sink]] = True
+    buckets = m // bucket_size
+    bucket = np.arange(n) * buckets // n
+    used = np.bincount(bucket[order[:sink]], minlength=buckets)
+    kept = sink
+    for j in order[sink:]:
+        if kept == m:
+            break
+        if used[bucket[j]] < bucket_size:
+            keep[j] = True
+            used[bucket[j]] += 1
+            kept += 1
+    return keep
+
+
+@pytest.mark.parametrize("n,m,sink_fraction,bucket_size", [
+    (200, 64, 0.25, 1), (97, 64, 0.25, 1), (64, 64, 0.25, 1), (40, 64, 0.25, 1),
+    (300, 60, 0.5, 4), (150, 32, 0.0, 2), (150, 32, 1.0, 1),
+])
+def test_vsb_matches_two_phase_walk(n, m, sink_fraction, bucket_size):
+    rng = np.random.default_rng(n + m)
+    scores = rng.random(320).astype(np.float32)
+    scores[rng.choice(n, 10)] = scores[0]  # ties: the lower index wins in both
+    keep = np.asarray(vsb_keep(jnp.asarray(scores), jnp.int32(n), m, int(sink_fraction * m), bucket_size))
+    ref = vsb_reference(scores, n, m, sink_fraction, bucket_size)
+    np.testing.assert_array_equal(keep, ref)
+    assert keep.sum() == min(n, m) and not keep[n:].any()
+
+
+def par_reference(keys: np.ndarray, n: int, query: np.ndarray, page: int, ratio: float) -> np.ndarray:
+    """Pages of mean pre-RoPE keys, scored by the mean query, top ceil(ratio * pages)."""
+    hkv, _, d = keys.shape
+    pages = math.ceil(n / page)
+    page_keys = np.stack([keys[:, p * page: min(n, (p + 1) * page)].mean(axis=1) for p in range(pages)], axis=1)
+    scores = np.einsum("hd,hpd->p", query, page_keys) / (hkv * np.sqrt(d))
+    chosen = np.argsort(-scores, kind="stable")[: math.ceil(ratio * pages - 1e-6)]
+    keep = np.zeros(keys.shape[1], bool)
+    for p in chosen:
+        keep[p * page: min(n, (p + 1) * page)] = True
+    return keep
+
+
+@pytest.mark.parametrize("n,ratio", [(160, 0.4), (150, 0.4), (7, 0.4), (33, 1.0), (160, 0.1)])
+def test_par_selects_top_pages(n, ratio):
+    rng = np.random.default_rng(n)
+    keys = rng.standard_normal((2, 160, 8)).astype(np.float32)
+    query = rng.standard_normal((2, 8)).astype(np.float32)
+    keep = np.asarray(par_select(jnp.asarray(keys), jnp.int32(n), jnp.asarray(query), 16, ratio))
+    np.testing.assert_array_equal(keep, par_reference(keys, n, query, 16, ratio))
+
+
+# --- sessions on the tiny model -------------------------------------------------------------
+
+
+def test_livevlm_covering_everything_equals_full_video(tiny_lm):
+    """M above the stream and retrieve_ratio=1: the same tokens at the same positions."""
+    lines, _ = captions(16, seed=1)
+    full = session(tiny_lm, FULL, lines).ask(QUESTION, max_new_tokens=NEW)
+    live = session(tiny_lm, LiveVLM(memory_tokens=320, retrieve_ratio=1.0, **SMALL), lines).ask(
+        QUESTION, max_new_tokens=NEW)
+    np.testing.assert_allclose(live.logits, full.logits, atol=1e-4, rtol=0)
+    assert live.tokens == full.tokens and len(live.tokens) == NEW
+    assert live.stats["attended_memory_tokens"] == full.stats["attended_memory_tokens"]
+
+
+def test_device_memory_bounded_while_full_video_grows(tiny_lm):
+    """Frames holding 10x more tokens than M: LiveVLM's device bytes stay fixed (init + M +
+    short-term), FullVideo's grow with the stream, ReKV's K/V go to host memory."""
+    m = LIVE.memory_tokens
+    lines, _ = captions(24, seed=2)
+    methods = [LIVE, FULL, ReKV(retrieve_frames=4, **SMALL)]
+    sessions = [StreamSession(tiny_lm, method, frame_tokens=FRAME_TOKENS) for method in methods]
+    sizes = {method.name: [] for method in methods}
+    for i, line in enumerate(lines):
+        for s in sessions:
+            s.add_text(line)
+            if i in (3, len(lines) - 1):
+                sizes[s.method.name].append(s.memory_stats())
+    live, full, rekv = (sizes[m.name] for m in methods)
+    assert live[-1]["stream_tokens"] > 10 * m and live[-1]["long_term_tokens"] == m
+    assert live[0]["device_kv_bytes"] == live[-1]["device_kv_bytes"]
+    assert full[-1]["long_term_tokens"] == full[-1]["stream_tokens"] - full[-1]["short_term_tokens"]
+    per_token = 2 * 2 * 2 * 16 * 4  # layers * (K, V) * KV heads * head dim * float32
+    assert full[-1]["device_kv_bytes"] > full[0]["device_kv_bytes"]
+    assert full[-1]["device_kv_bytes"] >= per_token * full[-1]["long_term_tokens"] > live[-1]["device_kv_bytes"]
+    assert rekv[-1]["host_kv_bytes"] > rekv[0]["host_kv_bytes"] > 0
+    assert rekv[-1]["device_kv_bytes"] < full[-1]["device_kv_bytes"]
+    answers = [s.ask(QUESTION, max_new_tokens=NEW) for s in sessions]
+    ft, short = FRAME_TOKENS, SMALL["short_frames"] * FRAME_TOKENS
+    assert answers[2].stats["attended_memory_tokens"] <= 32 + 4 * ft + short  # ReKV: 4 frames back
+    assert answers[0].stats["attended_memory_tokens"] < answers[1].stats["attended_memory_tokens"]
+
+
+def test_question_kv_is_discarded_and_shapes_compile_once(tiny_lm):
+    lines, _ = captions(12, seed=3)
+    s = session(tiny_lm, LIVE, lines)
+    before = s.memory_stats()
+    first = s.ask(QUESTION, max_new_tokens=NEW)
+    counts = COMPILE_COUNTS.copy()
+    second = s.ask(QUESTION, max_new_tokens=NEW)
+    assert s.memory_stats() == before
+    assert second.tokens == first.tokens
+    np.testing.assert_array_equal(second.logits, first.logits)
+    assert second.stats["ttft_s"] > 0 and second.stats["compile_s"] == 0
+    for line in captions(4, seed=4)[0]:  # more clips of the same bucket: nothing compiles
+        s.add_text(line)
+    s.ask(QUESTION, max_new_tokens=NEW)
+    assert COMPILE_COUNTS == counts
+
+
+def test_bad_inputs_name_the_parameter(tiny_lm):
+    with pytest.raises(TypeError, match="method must be a streaming method"):
+        StreamSession(tiny_lm, Full())
+    with pytest.raises(ValueError, match="retrieve_ratio must be in"):
+        StreamSession(tiny_lm, LiveVLM(retrieve_ratio=0.0, **SMALL), frame_tokens=FRAME_TOKENS)
+    with pytest.raises(ValueError, match="memory_tokens=4096 does not fit"):
+        StreamSession(tiny_lm, LiveVLM(memory_tokens=4096, **SMALL), frame_tokens=FRAME_TOKENS)
+    with pytest.raises(ValueError, match="short_frames must be an integer >= 1"):
+        StreamSession(tiny_lm, FullVideo(short_frames=0))
+    with pytest.raises(ValueError, match="frame_tokens must be an integer >= 1"):
+        StreamSession(tiny_lm, FULL, frame_tokens=0)
+    with pytest.raises(ValueError, match="question_template must be a string containing"):
+        StreamSession(tiny_lm, FULL, frame_tokens=FRAME_TOKENS, question_template="Q:")
+    with pytest.raises(ValueError, match="clips would attend"):
+        StreamSession(tiny_lm, ReKV(short_frames=16, clip_frames=8))  # 64-token text frames: too many
+    s = StreamSession(tiny_lm, LIVE, frame_tokens=FRAME_TOKENS)
+    with pytest.raises(TypeError, match="text must be a string"):
+        s.add_text(3)
+    with pytest.raises(ValueError, match="text must hold at least one token"):
+        s.add_text("")
+    with pytest.raises(ValueError, match="frame_tokens=24"):
+        s.add_text("word " * 40)
+    with pytest.raises(TypeError, match="no vision tower"):
+        s.add_frames(np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(TypeError, match="frames must be uint8 pixels"):
+        s.add_frames(np.zeros((2, 8), np.float32))
+    with pytest.raises(ValueError, match="question must be a non-empty string"):
+        s.ask("  ")
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        s.ask("Why?", max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens=400 would reach position"):
+        s.ask("Why?", max_new_tokens=400)
+
+
+def test_frame_embeddings_enter_like_text(tiny_lm):
+    """Precomputed per-frame embeddings (the VLM hook's output) give the same stream as text."""
+    lines, _ = captions(5, seed=5)
+    text = session(tiny_lm, LIVE, lines)
+    embedded = StreamSession(tiny_lm, LIVE, frame_tokens=FRAME_TOKENS)
+    table = np.asarray(tiny_lm.params.embed)
+    for line in lines:
+        ids = tiny_lm.tokenizer(line, add_special_tokens=False)["input_ids"]
+        embedded.add_frames(table[ids][None])
+    a, b = (s.ask(QUESTION, max_new_tokens=NEW) for s in (text, embedded))
+    np.testing.assert_array_equal(a.logits, b.logits)
+
+
+# --- the real model -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_livevlm_recalls_an_early_fact_that_recent_memory_lost(smollm2):
+    """A ~1.5k-token caption stream with one early number. LiveVLM (M=512, so 2-3x
+    compression) answers; StreamingLLM with the same device budget (init + M + short-term)
+    has evicted the fact. The question is completion-style with an answer prefix."""
+    lines, number = captions(100, seed=0, fact_at=10)
+    method = LiveVLM(memory_tokens=512, clip_frames=16)
+    s = session(smollm2, method, lines)
+    question, prefix = "What number was written on the wall?", "The number written on the wall was"
+    live = s.ask(question, max_new_tokens=6, answer_prefix=prefix)
+    assert s.memory_stats()["stream_tokens"] > 3 * 512
+    budget = s.layout.init_tokens + 512 + method.short_capacity(s.layout)
+    init, template = default_templates(smollm2.tokenizer)
+    recent = generate(smollm2, init + "".join(lines), question=template.format(question=question) + prefix,
+                      method=StreamingLLM(budget=budget), max_new_tokens=6)
+    assert str(number) in live.text, live.text
+    assert str(number) not in recent.text, recent.text
