@@ -23,7 +23,8 @@ import numpy as np
 METHOD_NAMES = ("full", "streaming_llm", "quest", "clusterkv_xla", "clusterkv_pallas", "freekv")
 SHAPES = ("smollm2", "llama3-8b")
 # Statistics a method reports from its final cache (`Method.decode_stats`) that the tables keep.
-METHOD_STATS = ("host_kv_bytes", "freekv_correction_rate", "cluster_hit_rate", "recall_bytes_per_step")
+METHOD_STATS = ("host_kv_bytes", "freekv_correction_rate", "freekv_prefetched_share", "cluster_hit_rate",
+                "recall_bytes_per_step")
 
 
 class IdTokenizer:
