@@ -5,7 +5,7 @@ present, one JSON per machine, and one table (and plots) across such files.
 `bench/freekv.py` (FreeKV with and without host offload) with a preset, and writes
 `bench/results/<backend>-<device>-<date>.json` holding both results and the environment:
 
-- `reduced`: contexts 2k/4k (FreeKV: 4k), 8 decode steps; about 10-15 minutes on 2 CPU cores;
+- `reduced`: contexts 2k/4k (FreeKV: 4k), 8 decode steps; 4 minutes on a 2-core VM;
 - `full`: the issues' settings, 4k/16k/32k (FreeKV: 8k/16k/32k), 16 steps;
 - `gpu`: `full` plus the Llama-3-8B shape in bfloat16 at 32k and 128k.
 
