@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,7 +101,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv=None) -> int:
-    from bench.method_speed import add_speed_args, shaped_model, time_decode
+    from bench.method_speed import add_speed_args, save_result, shaped_model, time_decode
     from kvjax.environment import environment
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -125,18 +124,11 @@ def main(argv=None) -> int:
     tag = "-real" if args.real else ("" if args.shape == "smollm2" else f"-{args.shape}")
     output = args.output or REPO / "bench" / "results" / f"freekv{tag}-{env['backend']}-{datetime.date.today()}.json"
 
-    def save() -> None:  # after every method: a run cut short keeps what it measured
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({
-            "benchmark": "freekv",
-            "environment": env,
-            "settings": {"model": model.name, "shape": args.shape, "dtype": args.dtype,
-                         "budget": args.budget, "decode_steps": args.steps,
-                         "methods": {n: methods[n].describe() for n in args.variants},
-                         "cache_contents": ("a real dense prefill of novel text" if args.real else
-                                        "random normal keys/values (no real prefill); see bench/method_speed.py")},
-            "rows": rows,
-        }, indent=2) + "\n")
+    settings = {"model": model.name, "shape": args.shape, "dtype": args.dtype, "budget": args.budget,
+                "decode_steps": args.steps, "methods": {n: methods[n].describe() for n in args.variants},
+                "cache_contents": ("a real dense prefill of novel text" if args.real else
+                                   "random normal keys/values (no real prefill); see bench/method_speed.py")}
+    save = lambda: save_result(output, "freekv", env, settings, rows)
 
     rows = []
     for context in args.contexts:

@@ -156,6 +156,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def save_result(output, benchmark: str, env: dict[str, Any], settings: dict[str, Any],
+                rows: list[dict[str, Any]]) -> None:
+    """Write a speed benchmark's JSON; called after every measurement, so that a run cut
+    short keeps what it measured."""
+    import json
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"benchmark": benchmark, "environment": env, "settings": settings,
+                                  "rows": rows}, indent=2) + "\n")
+
+
 def add_speed_args(p, contexts: list[int]) -> None:
     """Options shared by the speed benchmarks (this one and bench/freekv.py)."""
     from pathlib import Path
@@ -172,7 +183,6 @@ def add_speed_args(p, contexts: list[int]) -> None:
 def main(argv=None) -> int:
     import argparse
     import datetime
-    import json
     import sys
     from pathlib import Path
 
@@ -193,17 +203,11 @@ def main(argv=None) -> int:
     tag = "" if args.shape == "smollm2" else f"-{args.shape}"
     output = args.output or Path(__file__).parent / "results" / f"method_speed{tag}-{env['backend']}-{datetime.date.today()}.json"
 
-    def save() -> None:  # after every method: a run cut short keeps what it measured
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({
-            "benchmark": "method_speed",
-            "environment": env,
-            "settings": {"model": model.name, "shape": args.shape, "dtype": args.dtype, "budget": args.budget, "decode_steps": args.steps,
-                         "methods": {n: all_methods[n].describe() for n in args.methods},
-                         "cache_contents": "random normal keys/values (no real prefill); see module docstring",
-                         "pallas_on_cpu": "interpret mode", "pallas_max_context": args.pallas_max_context},
-            "rows": rows,
-        }, indent=2) + "\n")
+    settings = {"model": model.name, "shape": args.shape, "dtype": args.dtype, "budget": args.budget,
+                "decode_steps": args.steps, "methods": {n: all_methods[n].describe() for n in args.methods},
+                "cache_contents": "random normal keys/values (no real prefill); see module docstring",
+                "pallas_on_cpu": "interpret mode", "pallas_max_context": args.pallas_max_context}
+    save = lambda: save_result(output, "method_speed", env, settings, rows)
 
     rows = []
     for context in args.contexts:

@@ -36,14 +36,15 @@ def to_device(x: jax.Array) -> jax.Array:
     return jax.device_put(x, jax.memory.Space.Device)
 
 
+# jax <= 0.11.0: `compute_on(compute_type)` is a context manager; from 0.11.2 on it wraps a
+# function and needs the outputs' memory space.
+_COMPUTE_ON_WRAPS = "out_memory_spaces" in inspect.signature(compute_on).parameters
+
+
 def on_host(fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(*args)` computed on the host (XLA's `device_host` compute type); its operands must
-    live in host memory and its outputs stay there.
-
-    jax <= 0.11.0 spells this as a context manager, `compute_on("device_host")`; from 0.11.2 on
-    `compute_on` wraps a function and needs the outputs' memory space.
-    """
-    if "out_memory_spaces" in inspect.signature(compute_on).parameters:
+    live in host memory and its outputs stay there."""
+    if _COMPUTE_ON_WRAPS:
         return compute_on(fn, compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)(*args)
     with compute_on("device_host"):
         return fn(*args)

@@ -109,9 +109,9 @@ class FreeKVLayerCache:
     recalled: jax.Array | None = None  # [B, Hkv] int32 pages copied host -> device so far
     # offload=True with speculative=True: the recall for the next step, issued by this one.
     prefetched: jax.Array | None = None  # [B, Hkv] int32: of `recalled`, pages copied ahead
-    staged: jax.Array | None = None  # [B * Hkv * k, 2, page_size, d] blocks copied for the next step
-    staged_at: jax.Array | None = None  # [B * Hkv * k, 3] int32 (row, head, first slot); slot
-    # `budget` marks an unused entry
+    # n = B * Hkv * staged_pages entries:
+    staged: jax.Array | None = None  # [n, 2, page_size, d] blocks copied for the next step
+    staged_at: jax.Array | None = None  # [n, 3] int32 (row, head, first slot); slot `budget`: unused
     staged_slot_page: jax.Array | None = None  # [B, Hkv, k] slot_page once `staged` is in place
     staged_count: jax.Array | None = None  # [B, Hkv] int32 pages in `staged`
 
@@ -429,7 +429,7 @@ class FreeKV(SparseMethod):
 
         Returns (blocks [n, 2, P, d], at [n, 3] int32 (row, head, first slot; slot `budget`
         for the unused tail))."""
-        b, hkv, top = pages.shape
+        _, hkv, top = pages.shape
         p, d = self.page_size, pool.shape[-1]
         flat = missing.reshape(-1)
         order = jnp.zeros(n, jnp.int32).at[jnp.where(flat, prefix_sum(flat.astype(jnp.int32)) - 1, n)].set(
@@ -512,8 +512,8 @@ class FreeKV(SparseMethod):
     def _write_pool(self, cache, k, v, lengths):
         """Append the current token to its page in the host pool (one small copy per sequence).
 
-        Done last in a step: a pool read after this write (the recall) made XLA copy the whole
-        pool every step, which cost more than the recall itself."""
+        Done last in a step: reading the pool after this write (to stage the next step's
+        pages) made XLA copy the whole pool every step, which cost more than the copies."""
         page, offset = lengths // self.page_size, lengths % self.page_size
         pool = cache.pool
         token = jnp.stack([k, v], axis=2)  # [B, Hkv, 2, d]
