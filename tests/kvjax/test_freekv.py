@@ -306,3 +306,29 @@ def test_offload_device_bytes_do_not_grow_with_context():
     # What still grows on the device is the per-page metadata (digests, scores): 1/P of it.
     kv_host = large.pool.nbytes
     assert dev_large - dev_small < kv_host / method.page_size
+
+
+def test_offload_bfloat16_pool_recall_copies_blocks_without_converting_the_pool():
+    """A bfloat16 pool is stored as its uint16 bits: the recall returns the exact blocks, and
+    the compiled copy never converts the whole pool (XLA's CPU backend computes bfloat16 in
+    float32 and hoisted that conversion of every page out of the copy loop)."""
+    from kvjax.compat import to_host
+    from kvjax.methods.freekv import pool_bits
+
+    method = FreeKV(budget=24, page_size=4, sink=4, recent=8, dense_layers=0, offload=True)
+    rng = np.random.default_rng(7)
+    pool_np = rng.standard_normal((2, 16, HKV, 2, 4, D)).astype(jnp.bfloat16)
+    pool = to_host(pool_bits(jnp.asarray(pool_np)))
+    assert pool.dtype == jnp.uint16
+    pages = jnp.asarray(rng.choice(16, (2, HKV, 3)), jnp.int32)
+    missing = jnp.asarray(rng.random((2, HKV, 3)) < 0.6)
+    target = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (2, HKV, 3))
+    gather = jax.jit(lambda *a: method._gather(*a, jnp.bfloat16, pages.size))
+    blocks, at = gather(pool, pages, missing, target)
+    flat = np.argwhere(np.asarray(missing))  # (row, head, i) in row-major order, as compacted
+    assert blocks.dtype == jnp.bfloat16
+    for n, (b, h, i) in enumerate(flat):
+        np.testing.assert_array_equal(np.asarray(blocks[n]), pool_np[b, int(pages[b, h, i]), h])
+        assert at[n, :2].tolist() == [b, h]
+    hlo = gather.lower(pool, pages, missing, target).compile().as_text()
+    assert f"f32[{','.join(map(str, pool_np.shape))}]" not in hlo
