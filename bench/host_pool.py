@@ -10,7 +10,9 @@ memory, `pinned_host` or numpy, whichever is faster. One call copies `n` missing
 - `pinned_host_gather`: the same pool, the gather computed on the host (XLA `device_host`
   compute) and the `n` blocks sent in one transfer;
 - `numpy`: the pool is a numpy array; numpy fancy-indexes the blocks and `jax.device_put`
-  sends them (outside jit, so the decode step would have to be split around it).
+  sends them (outside jit, so the decode step would have to be split around it);
+- `pinned_per_block_16bit_floats` (bfloat16 only): the per-block copies on a pool stored as
+  bfloat16 rather than its bits, which is what FreeKV did before `pool_bits`.
 
 On a CPU backend host and device memory are the same RAM: the numbers compare the per-call
 overheads, not PCIe. Run it on a GPU for the transfer itself.
@@ -63,7 +65,7 @@ def selection(n: int, hkv: int, rng: np.random.Generator):
 
 
 def variants(n: int, hkv: int, d: int, dtype, rng: np.random.Generator) -> dict[str, Callable[[], Any]]:
-    """The three ways of copying the same `n` blocks, each a blocking zero-argument call."""
+    """The ways of copying the same `n` blocks, each a blocking zero-argument call."""
     pool_np = rng.standard_normal((1, PAGES, hkv, 2, PAGE, d)).astype(dtype)
     pool = to_host(jnp.asarray(pool_np))
     method_pool = to_host(pool_bits(jnp.asarray(pool_np)))  # as FreeKV stores it
@@ -83,11 +85,14 @@ def variants(n: int, hkv: int, d: int, dtype, rng: np.random.Generator) -> dict[
     # The same blocks in the same (head-major) order as `missing`.
     page_idx = np.asarray(pages[0]).reshape(-1)[:n]
     head_idx = np.repeat(np.arange(hkv), pages.shape[2])[:n]
-    return {
+    calls = {
         "pinned_per_block": lambda: per_block(method_pool, pages, missing, target).block_until_ready(),
         "pinned_host_gather": lambda: host_gather(pool, pages).block_until_ready(),
         "numpy": lambda: jax.device_put(pool_np[0, page_idx, head_idx]).block_until_ready(),
     }
+    if pool_np.dtype.itemsize == 2:  # the same copies on the pool as 16-bit floats (before `pool_bits`)
+        calls["pinned_per_block_16bit_floats"] = lambda: per_block(pool, pages, missing, target).block_until_ready()
+    return calls
 
 
 def main(argv: list[str] | None = None) -> int:
