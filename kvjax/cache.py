@@ -3,6 +3,11 @@
 A `Cache` holds one layer cache per decoder layer (whatever pytree the method defines) and
 the number of tokens already cached per sequence. It is immutable: every step returns a new
 one, and jitted steps donate the old one so XLA updates the buffers in place.
+
+Cache dataclasses name the dimensions of their arrays with `axes(...)` fields: `BATCH` for
+the sequence dimension, `HEADS` for a (query or KV) head dimension. `kvjax.sharding` splits
+those dimensions over a device mesh; dimensions left unnamed, and fields declared without
+`axes`, are replicated.
 """
 
 from __future__ import annotations
@@ -13,6 +18,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+
+BATCH = "batch"  # one entry per sequence of the batch
+HEADS = "heads"  # one entry per attention head (query heads or KV heads)
+
+
+def axes(*names: str | None, **field_kwargs: Any) -> Any:
+    """A dataclass field holding an array whose dimensions are `names` (`BATCH`, `HEADS` or
+    None, one per dimension), for `kvjax.sharding`; `field_kwargs` go to `struct.field`."""
+    return struct.field(metadata={"axes": names}, **field_kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +56,7 @@ class CacheSpec:
 @struct.dataclass
 class Cache:
     layers: tuple[Any, ...]
-    lengths: jax.Array  # [B] int32: tokens cached per sequence (= position of the next token)
+    lengths: jax.Array = axes(BATCH)  # [B] int32: tokens cached per sequence (= position of the next token)
 
 
 def init_cache(method, spec: CacheSpec) -> Cache:

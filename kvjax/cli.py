@@ -65,6 +65,21 @@ def _load_model(args: argparse.Namespace):
     return models.load(args.model)
 
 
+def _mesh_from_args(spec: str | None, batch: int):
+    """The device mesh of `--mesh` (None without it) for `batch` prompts, checked before the
+    model loads."""
+    if spec is None:
+        return None
+    from kvjax.sharding import check_batch, make_mesh
+
+    try:
+        mesh = make_mesh(spec)
+        check_batch(mesh, batch)
+    except ValueError as e:
+        raise SystemExit(f"--mesh: {e}") from None
+    return mesh
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvjax.generation import chat_prompt, generate
 
@@ -74,25 +89,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise SystemExit(f"--prompt-file: no such file: {path}")
-        prompt = path.read_text(encoding="utf-8")
+        prompts = [path.read_text(encoding="utf-8")]
     else:
-        prompt = args.prompt
+        prompts = args.prompt
+    mesh = _mesh_from_args(args.mesh, len(prompts))
     model = _load_model(args)
     method = _method_from_args(args.method, args)
     if args.chat:
-        prompt = chat_prompt(model.tokenizer, prompt)
+        prompts = [chat_prompt(model.tokenizer, p) for p in prompts]
     print(f"generating with {method} ...", file=sys.stderr, flush=True)
-    out = generate(model, prompt, question=args.question, method=method,
+    out = generate(model, prompts if len(prompts) > 1 else prompts[0], question=args.question, method=method,
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, seed=args.seed)
+                   top_p=args.top_p, seed=args.seed, mesh=mesh)
     s = out.stats
     if args.json:
         print(json.dumps({"text": out.text, "tokens": out.tokens, "stats": s}, default=str))
     else:
-        print(out.text)
+        print("\n---\n".join(out.text) if isinstance(out.text, list) else out.text)
+        prompt_tokens = sum(s["prompt_tokens"]) if isinstance(s["prompt_tokens"], list) else s["prompt_tokens"]
         print(
-            f"[{s['prompt_tokens']} prompt tokens, prefill {s['prefill_s']:.2f}s "
-            f"({s['prompt_tokens'] / s['prefill_s']:.0f} tok/s); {s['generated_tokens']} new tokens, "
+            f"[{prompt_tokens} prompt tokens, prefill {s['prefill_s']:.2f}s "
+            f"({prompt_tokens / s['prefill_s']:.0f} tok/s); {s['generated_tokens']} new tokens, "
             f"{s['tokens_per_s']:.1f} tok/s; compile {s['compile_s']:.1f}s; "
             f"KV on device {s['device_kv_bytes'] / 2**20:.1f} MiB]",
             file=sys.stderr,
@@ -184,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a (long) prompt")
     g.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or an HF directory")
-    g.add_argument("--prompt")
+    g.add_argument("--prompt", action="append", help="the prompt; repeat it for a batch of prompts")
     g.add_argument("--prompt-file")
     g.add_argument("--question", help="fed token by token after the prompt (evaluation protocol)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
@@ -193,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--mesh", help="run on a device mesh, e.g. 'data=2,model=2': data splits the batch of prompts, "
+                                  "model the heads, MLP and vocabulary; the sizes multiply to the device count")
     _add_method_args(g)
     g.set_defaults(func=cmd_generate)
 

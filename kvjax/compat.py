@@ -26,6 +26,14 @@ def compiler_options() -> dict[str, Any]:
     return {}
 
 
+def make_auto_mesh(shape: tuple[int, ...], names: tuple[str, ...], devices: list[jax.Device]) -> jax.sharding.Mesh:
+    """A device mesh whose axes are all `Auto` (XLA propagates shardings from annotated
+    inputs). `jax.make_mesh` defaults to `Explicit` axes (sharding in the types) on 0.10.x;
+    it picks a device order suited to the interconnect."""
+    auto = (jax.sharding.AxisType.Auto,) * len(names)
+    return jax.make_mesh(shape, names, axis_types=auto, devices=devices)
+
+
 def to_host(x: jax.Array) -> jax.Array:
     """Move an array to host memory (`pinned_host`), inside or outside jit."""
     return jax.device_put(x, jax.memory.Space.Host)

@@ -7,6 +7,10 @@ then does generation start.
 Compilation: prompts are padded (right) to a bucket length, the cache capacity is rounded
 up, and the compiled prefill and decode executables are cached per static shape, so a new
 prompt length inside a bucket compiles nothing. `COMPILE_COUNTS` counts the traces.
+
+With `mesh=` (a `jax.sharding.Mesh`, see `kvjax.sharding`) the parameters, the cache and
+the per-sequence inputs are laid out over the devices, and every jitted step keeps the cache
+in that layout; the results are the same as on one device.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from kvjax import sharding
 from kvjax.cache import Cache, CacheSpec, init_cache, kv_bytes
 from kvjax.compat import compiler_options
 from kvjax.methods import Full, Method
@@ -70,10 +76,11 @@ def chat_prompt(tokenizer, message: str, system: str | None = None) -> str:
 # Jitted pieces. `config` and `method` are static (hashable frozen dataclasses).
 
 
-def _prefill(params: Params, tokens, positions, cache: Cache, *, config: ModelConfig, method: Method):
+def _prefill(params: Params, tokens, positions, cache: Cache, *, config: ModelConfig, method: Method,
+             mesh: Mesh | None = None):
     COMPILE_COUNTS["prefill"] += 1
     logits, cache = forward(params, tokens, positions, cache, method, config=config, last_only=True)
-    return logits[:, 0], cache
+    return logits[:, 0], sharding.constrain(cache, mesh)
 
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, greedy: bool):
@@ -106,6 +113,7 @@ def _decode(
     method: Method,
     greedy: bool,
     out_size: int,
+    mesh: Mesh | None = None,
 ):
     """Feed the question (forced tokens) then sample until EOS or `max_new` tokens.
 
@@ -141,6 +149,7 @@ def _decode(
         step, cache, token, key, out, count, done = carry
         positions = cache.lengths[:, None]
         logits, cache = forward(params, token[:, None], positions, cache, method, config=config)
+        cache = sharding.constrain(cache, mesh)
         step = step + 1
         token, key, out, count, done = pick(step, logits[:, 0], key, out, count, done)
         return step, cache, token, key, out, count, done
@@ -148,10 +157,12 @@ def _decode(
     step, cache, _, _, out, count, _ = jax.lax.while_loop(
         cond, body, (jnp.int32(0), cache, token, key, out, count, done)
     )
-    return out, count, step, cache
+    # Every process reads the generated ids (multi-host): they are small, replicate them.
+    out, count = sharding.constrain_replicated((out, count), mesh)
+    return out, count, step, sharding.constrain(cache, mesh)
 
 
-def _convert(dense: Cache, *, method: Method, spec: CacheSpec, bucket: int) -> Cache:
+def _convert(dense: Cache, *, method: Method, spec: CacheSpec, bucket: int, mesh: Mesh | None = None) -> Cache:
     """The cache `method` would have built from the prompt held in a `Full` cache."""
     COMPILE_COUNTS["convert"] += 1
     target = init_cache(method, spec)
@@ -159,25 +170,31 @@ def _convert(dense: Cache, *, method: Method, spec: CacheSpec, bucket: int) -> C
         method.ingest(i, layer, *(x[:, :, :bucket].transpose(0, 2, 1, 3) for x in (d.k, d.v)), dense.lengths)
         for i, (layer, d) in enumerate(zip(target.layers, dense.layers))
     )
-    return Cache(layers=layers, lengths=dense.lengths)
+    return sharding.constrain(Cache(layers=layers, lengths=dense.lengths), mesh)
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("config", "method"), donate_argnames=("cache",))
-_convert_jit = jax.jit(_convert, static_argnames=("method", "spec", "bucket"))
+def _init(*, method: Method, spec: CacheSpec, mesh: Mesh) -> Cache:
+    """An empty cache allocated directly in its layout on `mesh` (no whole copy on one device)."""
+    return sharding.constrain(init_cache(method, spec), mesh)
+
+
+_prefill_jit = jax.jit(_prefill, static_argnames=("config", "method", "mesh"), donate_argnames=("cache",))
+_convert_jit = jax.jit(_convert, static_argnames=("method", "spec", "bucket", "mesh"))
 _decode_jit = jax.jit(
-    _decode, static_argnames=("config", "method", "greedy", "out_size"), donate_argnames=("cache",)
+    _decode, static_argnames=("config", "method", "greedy", "out_size", "mesh"), donate_argnames=("cache",)
 )
+_init_jit = jax.jit(_init, static_argnames=("method", "spec", "mesh"))
 _EXECUTABLES: dict[Any, Any] = {}
 
 
 def compiled(jitted, args: tuple, **static) -> tuple[Any, float]:
-    """The compiled executable of `jitted` for these argument shapes and static values.
+    """The compiled executable of `jitted` for these argument shapes, layouts and static values.
 
     Compiling ahead of time keeps compilation out of timed calls. Returns the executable and
     the seconds spent compiling it (0 when it was cached).
     """
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    shapes = tuple((x.shape, str(x.dtype)) for x in leaves)
+    shapes = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
     key = (jitted, treedef, shapes, tuple(sorted(static.items(), key=str)))
     if key in _EXECUTABLES:
         return _EXECUTABLES[key], 0.0
@@ -209,16 +226,20 @@ class Prefilled:
     bucket: int
     prefill_s: float
     compile_s: float
+    mesh: Mesh | None = None  # where the cache lives (None: one device)
 
 
-def prefill(model: Model, prompts: Sequence[Sequence[int]], method: Method, extra_tokens: int) -> Prefilled:
+def prefill(model: Model, prompts: Sequence[Sequence[int]], method: Method, extra_tokens: int,
+            mesh: Mesh | None = None) -> Prefilled:
     """Prefill a batch of token prompts (right-padded to a bucket) with `method`.
 
     The cache is sized for `extra_tokens` more tokens per sequence (question + generation).
+    With `mesh`, `model`'s parameters should already be on it (`kvjax.sharding.shard_model`).
     """
     config = model.config
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every context must hold at least one token")
+    sharding.check_batch(mesh, len(prompts))
     lengths = np.array([len(p) for p in prompts])
     needed = int(lengths.max()) + extra_tokens
     if needed > config.max_position_embeddings:
@@ -238,16 +259,16 @@ def prefill(model: Model, prompts: Sequence[Sequence[int]], method: Method, extr
         dtype=model.params.embed.dtype,
         prompt_capacity=bucket,
     )
-    cache = init_cache(method, spec)
-    tokens = jnp.asarray(_pad_right(prompts, bucket, 0))
+    cache = init_cache(method, spec) if mesh is None else _init_jit(method=method, spec=spec, mesh=mesh)
+    tokens = sharding.place_batch(_pad_right(prompts, bucket, 0), mesh)
     slots = np.arange(bucket)[None]
-    positions = jnp.asarray(np.where(slots < lengths[:, None], slots, -1).astype(np.int32))
+    positions = sharding.place_batch(np.where(slots < lengths[:, None], slots, -1).astype(np.int32), mesh)
     args = (model.params, tokens, positions, cache)
-    exe, compile_s = compiled(_prefill_jit, args, config=config, method=method)
+    exe, compile_s = compiled(_prefill_jit, args, config=config, method=method, mesh=mesh)
     t0 = time.perf_counter()
     first_logits, cache = exe(*args)
     first_logits.block_until_ready()
-    return Prefilled(first_logits, cache, spec, bucket, time.perf_counter() - t0, compile_s)
+    return Prefilled(first_logits, cache, spec, bucket, time.perf_counter() - t0, compile_s, mesh)
 
 
 def convert(pre: Prefilled, method: Method) -> Prefilled:
@@ -261,7 +282,7 @@ def convert(pre: Prefilled, method: Method) -> Prefilled:
             raise ValueError("convert needs a prefill made with Full()")
     method.validate(pre.spec)
     args = (pre.cache,)
-    exe, compile_s = compiled(_convert_jit, args, method=method, spec=pre.spec, bucket=pre.bucket)
+    exe, compile_s = compiled(_convert_jit, args, method=method, spec=pre.spec, bucket=pre.bucket, mesh=pre.mesh)
     t0 = time.perf_counter()
     cache = exe(*args)
     jax.block_until_ready(cache)
@@ -309,18 +330,21 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    mesh: Mesh | None = None,
 ) -> GenerationOutput:
     """Prefill `context` with `method`, feed `question` token by token, then generate.
 
     `context` may be a string, a list of strings (a batch), or token ids (a list of ints or a
     list of lists). `question` (one string, or one per batch row) is tokenized without
-    special tokens. Greedy when `temperature == 0`.
+    special tokens. Greedy when `temperature == 0`. `mesh`: run on these devices
+    (`kvjax.sharding.make_mesh`); the batch must split evenly over its `data` axis.
     """
     method = Full() if method is None else method
     _check_method(method)
     _check_generation_args(max_new_tokens, temperature, top_p)
     batched, prompts, questions = _tokenize(model.tokenizer, context, question)
-    pre = prefill(model, prompts, method, extra_tokens=max(len(q) for q in questions) + max_new_tokens)
+    model = _on_mesh(model, mesh)
+    pre = prefill(model, prompts, method, extra_tokens=max(len(q) for q in questions) + max_new_tokens, mesh=mesh)
     return _decode_from(model, pre, method, prompts, questions, batched, max_new_tokens, temperature, top_p, seed)
 
 
@@ -333,6 +357,7 @@ def generate_many(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    mesh: Mesh | None = None,
 ) -> list[GenerationOutput]:
     """`generate` with each of `methods` on the same input, sharing one prefill.
 
@@ -343,7 +368,8 @@ def generate_many(
         _check_method(method)
     _check_generation_args(max_new_tokens, temperature, top_p)
     batched, prompts, questions = _tokenize(model.tokenizer, context, question)
-    dense = prefill(model, prompts, Full(), extra_tokens=max(len(q) for q in questions) + max_new_tokens)
+    model = _on_mesh(model, mesh)
+    dense = prefill(model, prompts, Full(), extra_tokens=max(len(q) for q in questions) + max_new_tokens, mesh=mesh)
     outputs: dict[int, GenerationOutput] = {}
     # One Full decodes last on the dense cache itself: decoding donates (consumes) it.
     last = max((i for i, m in enumerate(methods) if m == Full()), default=None)
@@ -352,6 +378,11 @@ def generate_many(
         outputs[i] = _decode_from(model, pre, methods[i], prompts, questions, batched,
                                   max_new_tokens, temperature, top_p, seed)
     return [outputs[i] for i in range(len(methods))]
+
+
+def _on_mesh(model: Model, mesh: Mesh | None) -> Model:
+    """`model` with its parameters on `mesh` (unchanged without a mesh)."""
+    return model if mesh is None else sharding.shard_model(model, mesh)
 
 
 def _decode_from(
@@ -367,23 +398,25 @@ def _decode_from(
     seed: int,
 ) -> GenerationOutput:
     """Feed the questions, generate, and report (the prefilled cache is consumed)."""
-    config, tok = model.config, model.tokenizer
+    config, tok, mesh = model.config, model.tokenizer, pre.mesh
     q_width = max(1, max(len(q) for q in questions))
     decode_args = (
         model.params,
         pre.cache,
         pre.first_logits,
-        jnp.asarray(_pad_right(questions, q_width, 0)),
-        jnp.asarray([len(q) for q in questions], jnp.int32),
-        jnp.int32(max_new_tokens),
-        jnp.asarray(model.eos_token_ids or (-1,), jnp.int32),
-        jax.random.key(seed),
-        jnp.float32(max(temperature, 1e-6)),
-        jnp.float32(top_p),
+        sharding.place_batch(_pad_right(questions, q_width, 0), mesh),
+        sharding.place_batch(np.array([len(q) for q in questions], np.int32), mesh),
+        *(sharding.replicate(x, mesh) for x in (
+            jnp.int32(max_new_tokens),
+            jnp.asarray(model.eos_token_ids or (-1,), jnp.int32),
+            jax.random.key(seed),
+            jnp.float32(max(temperature, 1e-6)),
+            jnp.float32(top_p),
+        )),
     )
     decode_exe, decode_compile_s = compiled(
         _decode_jit, decode_args, config=config, method=method,
-        greedy=temperature == 0.0, out_size=max_new_tokens,
+        greedy=temperature == 0.0, out_size=max_new_tokens, mesh=mesh,
     )
     t0 = time.perf_counter()
     out, count, steps, cache = decode_exe(*decode_args)

@@ -29,7 +29,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from kvjax import sharding
 from kvjax.cache import kv_bytes
 from kvjax.generation import _check_generation_args, _decode_jit, compiled, prompt_bucket
 from kvjax.methods import Full
@@ -63,7 +65,11 @@ def default_templates(tokenizer) -> tuple[str, str]:
 
 
 class StreamSession:
-    """One live stream over `model` with a streaming KV method (`LiveVLM`, `ReKV`, `FullVideo`)."""
+    """One live stream over `model` with a streaming KV method (`LiveVLM`, `ReKV`, `FullVideo`).
+
+    `mesh` (`kvjax.sharding.make_mesh`): run on those devices, the KV heads split over its
+    `model` axis (a stream is one sequence: `data` replicates it).
+    """
 
     def __init__(
         self,
@@ -74,6 +80,7 @@ class StreamSession:
         question_template: str | None = None,
         frame_tokens: int | None = None,
         frame_encoder: Callable[[np.ndarray], Any] | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
         method = LiveVLM() if method is None else method
         if not isinstance(method, StreamMethod):
@@ -89,7 +96,9 @@ class StreamSession:
             frame_tokens = getattr(model, "tokens_per_frame", DEFAULT_TEXT_FRAME_TOKENS)
         if not isinstance(frame_tokens, int) or isinstance(frame_tokens, bool) or frame_tokens < 1:
             raise ValueError(f"frame_tokens must be an integer >= 1, got {frame_tokens!r}")
-        self.model, self.method = model, method
+        if mesh is not None:
+            model = sharding.shard_model(model, mesh)
+        self.model, self.method, self.mesh = model, method, mesh
         self.question_template = question_template
         self.frame_encoder = frame_encoder if frame_encoder is not None else getattr(model, "encode_frames", None)
         c = model.config
@@ -114,7 +123,7 @@ class StreamSession:
         self._pending: list[np.ndarray] = []  # frame embeddings [n, D] waiting for a full clip
         # Clips are assembled on the host: one transfer per clip, no eager op per frame length.
         self._embed = np.asarray(model.params.embed)
-        state = method.init_state(self.layout)
+        state = sharding.place(method.init_state(self.layout), mesh)
         x, valid = self._embed_padded(init_ids, self.layout.init_tokens)
         self.state = self._run(encode_init_jit, (model.params, state, x, valid), config=c)
 
@@ -179,7 +188,7 @@ class StreamSession:
         first = self.frames - len(self._pending) - len(clip)
         frame = np.full(t, -1, np.int32)
         frame[:n] = np.repeat(np.arange(first, first + len(clip)), [int(f.shape[0]) for f in clip])
-        state = self.method.grow(self.state, self.layout)
+        state = sharding.place(self.method.grow(self.state, self.layout), self.mesh)
         self.state = self._run(encode_clip_jit, (self.model.params, state, jnp.asarray(x), jnp.asarray(frame)),
                                config=self.model.config, method=self.method, layout=self.layout)
 
@@ -191,7 +200,7 @@ class StreamSession:
 
     def _run(self, jitted, args: tuple, **static):
         """Run a stream pass (compiled once per shape); its execution time adds to `encode_s`."""
-        exe, compile_s = compiled(jitted, args, **static)
+        exe, compile_s = compiled(jitted, args, mesh=self.mesh, **static)
         self.compile_s += compile_s
         t0 = time.perf_counter()
         out = jax.block_until_ready(exe(*args))
@@ -237,7 +246,7 @@ class StreamSession:
         compile_before = self.compile_s
         args = (model.params, self.state, x, valid)
         exe, compile_s = compiled(question_jit, args, config=config, method=self.method, layout=self.layout,
-                                  extra=max_new_tokens)
+                                  extra=max_new_tokens, mesh=self.mesh)
         t0 = time.perf_counter()
         first_logits, cache = exe(*args)
         jnp.argmax(first_logits[0]).block_until_ready()  # the first token (greedy)
@@ -249,7 +258,7 @@ class StreamSession:
             jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
         )
         decode_exe, decode_compile_s = compiled(_decode_jit, decode_args, config=config, method=Full(),
-                                                greedy=temperature == 0.0, out_size=max_new_tokens)
+                                                greedy=temperature == 0.0, out_size=max_new_tokens, mesh=self.mesh)
         self.compile_s += compile_s + decode_compile_s
         t0 = time.perf_counter()
         out, count, _, _ = decode_exe(*decode_args)

@@ -14,6 +14,9 @@ positions. A stream therefore never attends beyond the positions it re-indexes t
   `[init | method.retrieve | short-term]`; returns the first answer logits and a dense
   post-RoPE cache of exactly the attended tokens, which a plain `Full()` decode loop continues.
   The stream state is not modified: the question and answer KVs are discarded with that cache.
+
+With `mesh` (static), each pass returns its state or cache in the layout `kvjax.sharding`
+gives it on that mesh: KV heads split over the `model` axis (a stream has no batch).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from kvjax import sharding
 from kvjax.cache import Cache
 from kvjax.generation import COMPILE_COUNTS, CAPACITY_ROUND
 from kvjax.methods.base import prefix_sum, to_head_major
@@ -95,7 +100,8 @@ def _attend(
     return out, mem_rot, mem_v, mem_valid, mem_pos, n, new_k, scores
 
 
-def encode_init(params: Params, state: StreamState, x: jax.Array, valid: jax.Array, *, config: ModelConfig) -> StreamState:
+def encode_init(params: Params, state: StreamState, x: jax.Array, valid: jax.Array, *, config: ModelConfig,
+                mesh: Mesh | None = None) -> StreamState:
     """Encode the init prompt x [I, D] (valid [I], a prefix) into the init slots."""
     COMPILE_COUNTS["stream_init"] += 1
     inv_freq = rope_inv_freq(config)
@@ -107,12 +113,12 @@ def encode_init(params: Params, state: StreamState, x: jax.Array, valid: jax.Arr
         x = _finish_layer(p, x, out, config)
         layers.append(layer.replace(init_k=to_head_major(k[None], layer.init_k.dtype)[0],
                                     init_v=to_head_major(v[None], layer.init_v.dtype)[0]))
-    return state.replace(layers=tuple(layers), init_len=valid.sum().astype(jnp.int32))
+    return sharding.constrain(state.replace(layers=tuple(layers), init_len=valid.sum().astype(jnp.int32)), mesh)
 
 
 def encode_clip(
     params: Params, state: StreamState, x: jax.Array, frame: jax.Array, *,
-    config: ModelConfig, method: StreamMethod, layout: StreamLayout,
+    config: ModelConfig, method: StreamMethod, layout: StreamLayout, mesh: Mesh | None = None,
 ) -> StreamState:
     """Encode one clip: x [T, D] frame embeddings, frame [T] int32 frame numbers (-1: padding).
 
@@ -167,16 +173,16 @@ def encode_clip(
         layers.append(method.store(layout, layer, state, moved, long_scores))
 
     state = method.update_index(layout, state, moved)
-    return state.replace(
+    return sharding.constrain(state.replace(
         layers=tuple(layers),
         short_len=(total - n_move).astype(jnp.int32),
         short_frame=jnp.where(keep_valid, all_frames[source(keep_j)], -1),
-    )
+    ), mesh)
 
 
 def question(
     params: Params, state: StreamState, x: jax.Array, valid: jax.Array, *,
-    config: ModelConfig, method: StreamMethod, layout: StreamLayout, extra: int,
+    config: ModelConfig, method: StreamMethod, layout: StreamLayout, extra: int, mesh: Mesh | None = None,
 ) -> tuple[jax.Array, Cache]:
     """Prefill a question x [Tq, D] (valid [Tq], a prefix) against the retrieved memory.
 
@@ -210,9 +216,11 @@ def question(
     last = jnp.maximum(valid.sum() - 1, 0)
     h = rms_norm(x[last][None], params.final_norm, config.rms_norm_eps)
     logits = params.logits(h).astype(jnp.float32)
-    return logits, Cache(layers=tuple(layers), lengths=jnp.reshape(length, (1,)).astype(jnp.int32))
+    cache = Cache(layers=tuple(layers), lengths=jnp.reshape(length, (1,)).astype(jnp.int32))
+    return sharding.constrain_replicated(logits, mesh), sharding.constrain(cache, mesh)
 
 
-encode_init_jit = jax.jit(encode_init, static_argnames=("config",), donate_argnames=("state",))
-encode_clip_jit = jax.jit(encode_clip, static_argnames=("config", "method", "layout"), donate_argnames=("state",))
-question_jit = jax.jit(question, static_argnames=("config", "method", "layout", "extra"))
+encode_init_jit = jax.jit(encode_init, static_argnames=("config", "mesh"), donate_argnames=("state",))
+encode_clip_jit = jax.jit(encode_clip, static_argnames=("config", "method", "layout", "mesh"),
+                          donate_argnames=("state",))
+question_jit = jax.jit(question, static_argnames=("config", "method", "layout", "extra", "mesh"))

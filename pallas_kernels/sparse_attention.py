@@ -47,14 +47,14 @@ def sparse_decode_attention_reference(
     g = hq // hkv
     n = indices.shape[-1]
     # Gather per query head: [B, Hq, n, block, d] (what the Pallas kernel avoids materialising).
-    # A take of whole blocks from the flattened cache: XLA CPU turns a multi-index gather
-    # fused with the score contraction into a slow strided loop.
-    head_kv = jnp.repeat(jnp.arange(hkv), g)
-    first_block = (jnp.arange(b)[:, None] * hkv + head_kv[None, :]) * (s // block_size)  # [B, Hq]
+    # Whole blocks, taken per (sequence, KV head) from that head's [blocks, block * d] view: a
+    # gather whose batch and head dimensions are explicit, so that on a device mesh XLA keeps
+    # it on the devices holding those rows and heads (a take from the flattened cache made it
+    # gather the whole cache onto every device), and as fast on one CPU.
     blocks = s // block_size
     local = jnp.where(indices < 0, indices + blocks, indices)  # negative indices wrap, as in jnp
-    rows = (first_block[..., None] + local).reshape(-1)
-    gather = lambda x: jnp.take(x.reshape(-1, block_size, d), rows, axis=0, mode="clip").reshape(
+    by_kv_head = jnp.clip(local, 0, blocks - 1).reshape(b, hkv, g * n, 1)  # a KV head's query heads together
+    gather = lambda x: jnp.take_along_axis(x.reshape(b, hkv, blocks, block_size * d), by_kv_head, axis=2).reshape(
         b, hq, n * block_size, d).astype(jnp.float32)
     kg, vg = gather(k), gather(v)
     scale = 1.0 / jnp.sqrt(jnp.float32(d))

@@ -36,7 +36,7 @@ from flax import struct
 
 import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
-from kvjax.cache import CacheSpec
+from kvjax.cache import BATCH, HEADS, CacheSpec, axes
 from kvjax.clustering import INITS, cluster_keys
 from kvjax.compat import host_put, host_take, to_host
 from kvjax.methods.base import (
@@ -66,12 +66,13 @@ class HostRecall:
     Counters are cumulative since the prefill, summed over recall heads.
     """
 
-    host_k: jax.Array  # [B, Hkv, S - sink, d] pinned_host: clustered tokens in index order
-    host_v: jax.Array
-    k: jax.Array  # [B, Hr, budget - sink, d] device: the recall buffer
-    v: jax.Array
-    held: jax.Array  # [B, Hr, C] int32
-    held_at: jax.Array  # [B, Hr, C] int32
+    host_k: jax.Array = axes(BATCH, HEADS, None, None)  # [B, Hkv, S - sink, d] pinned_host: clustered tokens
+    host_v: jax.Array = axes(BATCH, HEADS, None, None)  # (in index order)
+    k: jax.Array = axes(BATCH, HEADS, None, None)  # [B, Hr, budget - sink, d] device: the recall buffer
+    v: jax.Array = axes(BATCH, HEADS, None, None)
+    held: jax.Array = axes(BATCH, HEADS, None)  # [B, Hr, C] int32
+    held_at: jax.Array = axes(BATCH, HEADS, None)  # [B, Hr, C] int32
+    # Counters, replicated (no `axes`) so that every process reads them whole:
     selected: jax.Array  # [B] int32 clusters selected
     hits: jax.Array  # [B] int32 selected clusters that were selected at the previous step
     copied: jax.Array  # [B] int32 tokens copied host -> device (a K row and a V row each)
@@ -83,13 +84,13 @@ class ClusterLayerCache:
     # offload=False: [B, Hkv, S, d]: sinks, clustered tokens in index order, window by position.
     # offload=True: [B, Hkv, sink + W, d]: sinks, then the window (slot sink + i holds
     # position window_start + i), W = min(window, S - sink); clustered tokens are in `recall`.
-    k: jax.Array
-    v: jax.Array
-    centroids: jax.Array  # [B, Hkv, C, d] float32: prompt clusters, then window clusters
-    sizes: jax.Array  # [B, Hkv, C] int32 (0: empty or unused)
-    order: jax.Array  # [B, Hkv, S - sink] int32 position of the token in slot sink + i
-    window_start: jax.Array  # [B] int32 first position of the unclustered window
-    windows: jax.Array  # [B] int32 windows clustered so far
+    k: jax.Array = axes(BATCH, HEADS, None, None)
+    v: jax.Array = axes(BATCH, HEADS, None, None)
+    centroids: jax.Array = axes(BATCH, HEADS, None, None)  # [B, Hkv, C, d] float32: prompt, then window clusters
+    sizes: jax.Array = axes(BATCH, HEADS, None)  # [B, Hkv, C] int32 (0: empty or unused)
+    order: jax.Array = axes(BATCH, HEADS, None)  # [B, Hkv, S - sink] int32 position of the token in slot sink + i
+    window_start: jax.Array = axes(BATCH)  # [B] int32 first position of the unclustered window
+    windows: jax.Array = axes(BATCH)  # [B] int32 windows clustered so far
     first_window_cluster: int = struct.field(pytree_node=False)  # ids before: prompt clusters
     recall: HostRecall | None = None  # offload=True only
 

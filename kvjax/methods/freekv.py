@@ -72,7 +72,7 @@ from flax import struct
 
 import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
-from kvjax.cache import CacheSpec
+from kvjax.cache import BATCH, HEADS, CacheSpec, axes
 from kvjax.compat import to_device, to_host
 from kvjax.methods.base import (
     check_int,
@@ -107,28 +107,32 @@ class FreeKVLayerCache:
     # offload=False: [B, Hkv, S, d], slot == position, S a multiple of page_size.
     # offload=True: the device slots [B, Hkv, budget, d]: sink pages, k retrieved page slots,
     # the recent ring (page j in ring slot j mod recent/page_size).
-    k: jax.Array
-    v: jax.Array
-    page_min: jax.Array  # [B, Hkv, S / page_size, d] float32
-    page_max: jax.Array
-    prev_q: jax.Array  # [B, Hq, d] float32: the query of the previous decode step
-    has_prev: jax.Array  # [B] bool: prev_q and next_pages are set (false after a prefill)
-    next_pages: jax.Array  # [B, Hkv, k] int32: pages selected with prev_q for this step
-    next_valid: jax.Array  # [B, Hkv, k] bool
-    next_scores: jax.Array  # [B, Hkv, S / page_size] float32 group scores of that selection
+    k: jax.Array = axes(BATCH, HEADS, None, None)
+    v: jax.Array = axes(BATCH, HEADS, None, None)
+    page_min: jax.Array = axes(BATCH, HEADS, None, None)  # [B, Hkv, S / page_size, d] float32
+    page_max: jax.Array = axes(BATCH, HEADS, None, None)
+    prev_q: jax.Array = axes(BATCH, HEADS, None)  # [B, Hq, d] float32: the query of the previous decode step
+    has_prev: jax.Array = axes(BATCH)  # [B] bool: prev_q and next_pages are set (false after a prefill)
+    next_pages: jax.Array = axes(BATCH, HEADS, None)  # [B, Hkv, k] int32: pages selected with prev_q for this step
+    next_valid: jax.Array = axes(BATCH, HEADS, None)  # [B, Hkv, k] bool
+    next_scores: jax.Array = axes(BATCH, HEADS, None)  # [B, Hkv, S / page_size] float32 group scores of that selection
+    # Counters read by `decode_stats` are replicated (no `axes`): every process reads them whole.
     corrections: jax.Array  # [B, Hkv] int32: heads re-selected with the current query
     checks: jax.Array  # [B] int32: decode steps that had a previous query (speculation tried)
     # offload=True only (None otherwise):
-    slot_page: jax.Array | None = None  # [B, Hkv, k] int32 page held by each retrieved slot, -1 empty
-    pool: jax.Array | None = None  # [B, S / page_size, Hkv, 2, page_size, d] pinned_host: every page (`pool_bits`)
+    # [B, Hkv, k] int32 page held by each retrieved slot, -1 empty
+    slot_page: jax.Array | None = axes(BATCH, HEADS, None, default=None)
+    # [B, S / page_size, Hkv, 2, page_size, d] pinned_host: every page (`pool_bits`)
+    pool: jax.Array | None = axes(BATCH, None, HEADS, None, None, None, default=None)
     recalled: jax.Array | None = None  # [B, Hkv] int32 pages copied host -> device so far
     # offload=True with speculative=True: the recall for the next step, issued by this one.
     prefetched: jax.Array | None = None  # [B, Hkv] int32: of `recalled`, pages copied ahead
-    # n = B * Hkv * staged_pages entries:
+    # n = B * Hkv * staged_pages entries (one flat list: replicated):
     staged: jax.Array | None = None  # [n, 2, page_size, d] blocks copied for the next step
     staged_at: jax.Array | None = None  # [n, 3] int32 (row, head, first slot); slot `budget`: unused
-    staged_slot_page: jax.Array | None = None  # [B, Hkv, k] slot_page once `staged` is in place
-    staged_count: jax.Array | None = None  # [B, Hkv] int32 pages in `staged`
+    # [B, Hkv, k] slot_page once `staged` is in place
+    staged_slot_page: jax.Array | None = axes(BATCH, HEADS, None, default=None)
+    staged_count: jax.Array | None = axes(BATCH, HEADS, default=None)  # [B, Hkv] int32 pages in `staged`
 
 
 @dataclasses.dataclass(frozen=True)

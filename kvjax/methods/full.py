@@ -9,14 +9,14 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.attention import decode_attention
-from kvjax.cache import CacheSpec
+from kvjax.cache import BATCH, HEADS, CacheSpec, axes
 from kvjax.methods.base import Method, empty_kv, write_prompt, write_token
 
 
 @struct.dataclass
 class DenseLayerCache:
-    k: jax.Array  # [B, Hkv, capacity, d], slot == position
-    v: jax.Array
+    k: jax.Array = axes(BATCH, HEADS, None, None)  # [B, Hkv, capacity, d], slot == position
+    v: jax.Array = axes(BATCH, HEADS, None, None)
 
 
 @dataclasses.dataclass(frozen=True)

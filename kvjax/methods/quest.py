@@ -16,7 +16,7 @@ from flax import struct
 
 import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
-from kvjax.cache import CacheSpec
+from kvjax.cache import BATCH, HEADS, CacheSpec, axes
 from kvjax.methods.base import check_int, empty_kv, read_tokens, write_prompt, write_token
 from kvjax.methods.sparse import SparseMethod
 from kvjax.pages import add_token, full_pages, write_prompt_digests
@@ -24,10 +24,10 @@ from kvjax.pages import add_token, full_pages, write_prompt_digests
 
 @struct.dataclass
 class PagedLayerCache:
-    k: jax.Array  # [B, Hkv, S, d], slot == position, S a multiple of page_size
-    v: jax.Array
-    page_min: jax.Array  # [B, Hkv, S / page_size, d] float32
-    page_max: jax.Array
+    k: jax.Array = axes(BATCH, HEADS, None, None)  # [B, Hkv, S, d], slot == position, S a multiple of page_size
+    v: jax.Array = axes(BATCH, HEADS, None, None)
+    page_min: jax.Array = axes(BATCH, HEADS, None, None)  # [B, Hkv, S / page_size, d] float32
+    page_max: jax.Array = axes(BATCH, HEADS, None, None)
 
 
 @dataclasses.dataclass(frozen=True)

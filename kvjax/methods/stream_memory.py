@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from kvjax.cache import HEADS, axes
 from kvjax.methods.base import check_int
 
 
@@ -49,13 +50,14 @@ class StreamLayout:
 class StreamLayer:
     """One decoder layer's stream memory; keys pre-RoPE, `[Hkv, slots, d]`."""
 
-    init_k: jax.Array
-    init_v: jax.Array
-    long_k: jax.Array  # [Hkv, C, d] (ReKV: in host memory)
-    long_v: jax.Array
-    short_k: jax.Array  # [Hkv, S, d] the short-term FIFO, oldest token first
-    short_v: jax.Array
-    frame_keys: jax.Array  # [Hkv, F, d] mean pre-RoPE key per long-term frame (ReKV; F = 0 otherwise)
+    init_k: jax.Array = axes(HEADS, None, None)
+    init_v: jax.Array = axes(HEADS, None, None)
+    long_k: jax.Array = axes(HEADS, None, None)  # [Hkv, C, d] (ReKV: in host memory)
+    long_v: jax.Array = axes(HEADS, None, None)
+    short_k: jax.Array = axes(HEADS, None, None)  # [Hkv, S, d] the short-term FIFO, oldest token first
+    short_v: jax.Array = axes(HEADS, None, None)
+    # [Hkv, F, d] mean pre-RoPE key per long-term frame (ReKV; F = 0 otherwise)
+    frame_keys: jax.Array = axes(HEADS, None, None)
 
 
 @struct.dataclass

@@ -16,15 +16,15 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.attention import decode_attention
-from kvjax.cache import CacheSpec
+from kvjax.cache import BATCH, HEADS, CacheSpec, axes
 from kvjax.methods.base import Method, check_int, empty_kv, to_head_major, write_token
 
 
 @struct.dataclass
 class RingLayerCache:
-    k: jax.Array  # [B, Hkv, budget, d]
-    v: jax.Array
-    pos: jax.Array  # [B, budget] int32 position held by each slot, -1 when empty
+    k: jax.Array = axes(BATCH, HEADS, None, None)  # [B, Hkv, budget, d]
+    v: jax.Array = axes(BATCH, HEADS, None, None)
+    pos: jax.Array = axes(BATCH, None)  # [B, budget] int32 position held by each slot, -1 when empty
 
 
 @dataclasses.dataclass(frozen=True)

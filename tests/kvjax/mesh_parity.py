@@ -1,0 +1,151 @@
+"""Sharded vs single-device generation, run as a script in a process with 8 CPU devices.
+
+`tests/kvjax/test_sharding.py` runs `python -m tests.kvjax.mesh_parity` (the test process has
+initialised jax with one device) and checks the JSON it prints. For each mesh: generated
+tokens of `Full`, `ClusterKV` and `FreeKV` (batch 4, ragged prompts, budgets below the
+context) and of four `LiveVLM` text streams, on the mesh and on one device; the logits after
+the prompt (prefill) and after each stream's question; method statistics; compile counts; donation warnings; and where cache arrays were
+laid out. One process and one jax start-up for everything: compilation dominates its time.
+
+Meshes: `data=2,model=2` on 4 devices, where every dimension splits, with the offloading
+variants (`offload=True`, host-memory shards); `data=2,model=4` on 8 devices, where the query
+heads and the MLP split but the 2 KV heads and the 258-token vocabulary replicate. The
+offloading variants are compared with the single-device `offload=False` run: both give the
+same outputs (tests/kvjax/test_clusterkv_offload.py, test_sparse_exactness.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before jax starts: 8 CPU devices whatever the machine, and XLA's CPU loop emitters, which
+# compile these small programs about twice as fast as its fusion emitters.
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false"
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+from kvjax import ClusterKV, FreeKV, Full, LiveVLM, StreamSession, generate, generate_many  # noqa: E402
+from kvjax.generation import COMPILE_COUNTS, convert, prefill  # noqa: E402
+from kvjax.sharding import make_mesh, shard_model  # noqa: E402
+from models.bundle import Model  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+from models.params import init_random  # noqa: E402
+
+# Fewer XLA optimisations, to compile faster still: the single-device and the sharded runs
+# are compiled alike, so their comparison holds.
+jax.config.update("jax_disable_most_optimizations", True)
+
+# 8 query heads, 2 KV heads, MLP 128, vocabulary 258 (untied lm_head).
+CONFIG = ModelConfig(
+    architecture="llama", vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=8,
+    num_kv_heads=2, head_dim=8, max_position_embeddings=1024,
+)
+BATCH, CONTEXT, NEW = 4, 96, 12
+CLUSTERKV = ClusterKV(budget=32, sink=4, tokens_per_cluster=8, window=8, window_clusters=2, dense_layers=0)
+FREEKV = FreeKV(budget=32, page_size=4, sink=4, recent=8, tau=0.2, dense_layers=0)
+METHODS = {"full": Full(), "clusterkv": CLUSTERKV, "freekv": FREEKV}
+OFFLOADED = {"full": Full(), "clusterkv": dataclasses.replace(CLUSTERKV, offload=True),
+             "freekv": dataclasses.replace(FREEKV, offload=True)}
+MESHES = {  # spec -> (devices used, offload variants)
+    "data=2,model=2": (4, True),
+    "data=2,model=4": (8, False),
+}
+LIVE = LiveVLM(memory_tokens=32, short_frames=2, clip_frames=2, score_queries=8)
+STREAMS, FRAMES = 4, 8
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids: enough for text frames and questions (no chat template)."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode())}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(i % 256 for i in ids).decode(errors="replace")
+
+
+def mesh_axes(array: jax.Array) -> list | None:
+    """The mesh axis of each dimension of `array` (trailing replicated ones dropped), None on
+    one device."""
+    axes = list(getattr(array.sharding, "spec", None) or [])
+    while axes and axes[-1] is None:
+        axes.pop()
+    return axes if isinstance(array.sharding, NamedSharding) else None
+
+
+def layout(tree) -> dict[str, list]:
+    """[mesh axes, memory kind] of every array of a pytree, by path."""
+    return {jax.tree_util.keystr(path): [mesh_axes(leaf), leaf.sharding.memory_kind]
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def run(model, prompts, methods, mesh) -> dict:
+    """Generation with every method (one shared prefill), logits, stats and cache layouts."""
+    before = COMPILE_COUNTS.copy()
+    outputs = generate_many(model, prompts, list(methods.values()), max_new_tokens=NEW, mesh=mesh)
+    pre = prefill(model, prompts, Full(), extra_tokens=NEW, mesh=mesh)  # compiled above: same shapes
+    result = {
+        "tokens": {name: out.tokens for name, out in zip(methods, outputs)},
+        "stats": {name: {k: v for k, v in out.stats.items() if k.startswith(("freekv_", "cluster", "recall"))}
+                  for name, out in zip(methods, outputs)},
+        "logits": np.asarray(pre.first_logits).tolist(),
+        "layout": {"full": layout(pre.cache)},
+    }
+    for name, method in methods.items():
+        if name != "full":
+            result["layout"][name] = layout(convert(pre, method).cache)
+    result["compiles"] = dict(COMPILE_COUNTS - before)
+    return result
+
+
+def run_streams(model, mesh) -> dict:
+    """Four text streams through LiveVLM, one question each."""
+    before = COMPILE_COUNTS.copy()
+    tokens, logits = [], []
+    for s in range(STREAMS):
+        session = StreamSession(model, LIVE, frame_tokens=32, mesh=mesh)
+        for i in range(FRAMES):
+            session.add_text(f"Minute {i + 1}: car {7 * s + i} passed.\n")
+        answer = session.ask(f"Which car came after car {7 * s + 3}?", max_new_tokens=NEW)
+        tokens.append(answer.tokens)
+        logits.append(answer.logits.tolist())
+    return {"tokens": tokens, "logits": logits, "layout": layout(session.state),
+            "compiles": dict(COMPILE_COUNTS - before)}
+
+
+def main() -> None:
+    model = Model(CONFIG, init_random(CONFIG, jax.random.key(0), scale=0.3), ByteTokenizer(), "tiny-mesh")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, CONFIG.vocab_size, size=CONTEXT - 7 * i).tolist() for i in range(BATCH)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = {"single": {"generate": run(model, prompts, METHODS, None), "stream": run_streams(model, None)}}
+        for spec, (devices, with_offload) in MESHES.items():
+            mesh = make_mesh(spec, jax.devices()[:devices])
+            sharded = shard_model(model, mesh)
+            results[spec] = {
+                "generate": run(sharded, prompts, OFFLOADED if with_offload else METHODS, mesh),
+                "stream": run_streams(sharded, mesh),
+                "params": layout(sharded.params),
+            }
+        try:
+            generate(sharded, prompts[:3], mesh=mesh)
+        except ValueError as e:
+            results["errors"] = {"batch": str(e)}
+    results["warnings"] = [str(w.message) for w in caught]
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

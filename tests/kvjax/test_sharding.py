@@ -1,0 +1,108 @@
+"""Multi-device generation (`kvjax.sharding`): sharded results equal single-device results.
+
+The device tests run `tests/kvjax/mesh_parity.py` once, in a subprocess with 8 forced CPU
+devices (this process has initialised jax with one), on meshes `data=2,model=2` (4 devices,
+every dimension splits, offloading methods) and `data=2,model=4` (8 devices, KV heads and
+vocabulary replicated). Mesh specs and their errors are checked here directly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvjax.cli import main
+from kvjax.sharding import make_mesh, parse_mesh
+
+MESHES = ("data=2,model=2", "data=2,model=4")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def parity() -> dict:
+    """The JSON results of `mesh_parity.py` (one jax start-up for every mesh and method)."""
+    done = subprocess.run([sys.executable, "-m", "tests.kvjax.mesh_parity"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_generation_equals_single_device(parity, mesh):
+    single, sharded = parity["single"]["generate"], parity[mesh]["generate"]
+    assert set(sharded["tokens"]) == {"full", "clusterkv", "freekv"}
+    for method, tokens in single["tokens"].items():
+        assert sharded["tokens"][method] == tokens, method
+        assert len(tokens) == 4 and all(len(row) == 12 for row in tokens)  # batch 4, no early stop
+        for key, value in single["stats"][method].items():  # e.g. FreeKV's correction rate
+            assert sharded["stats"][method][key] == pytest.approx(value), (method, key)
+    assert single["tokens"]["clusterkv"] != single["tokens"]["full"] != single["tokens"]["freekv"]  # they select
+    np.testing.assert_allclose(sharded["logits"], single["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_streams_equal_single_device(parity, mesh):
+    """Four LiveVLM text streams, one question each: same answers, same first-token logits."""
+    single, sharded = parity["single"]["stream"], parity[mesh]["stream"]
+    assert sharded["tokens"] == single["tokens"] and len(set(map(tuple, single["tokens"]))) == 4
+    np.testing.assert_allclose(sharded["logits"], single["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_one_compile_per_shape_and_donation_under_a_mesh(parity, mesh):
+    for part in ("generate", "stream"):
+        assert parity[mesh][part]["compiles"] == parity["single"][part]["compiles"], part
+    assert not [w for w in parity["warnings"] if "donat" in w.lower()]
+
+
+def test_params_and_caches_are_laid_out_on_the_mesh(parity):
+    split = parity["data=2,model=2"]
+    assert split["params"][".layers[0].wq"] == [[None, "model"], "device"]
+    assert split["params"][".layers[0].w_down"] == [["model"], "device"]
+    assert split["params"][".embed"] == [["model"], "device"]
+    layout = split["generate"]["layout"]
+    assert layout["full"][".layers[0].k"] == [["data", "model"], "device"]
+    assert layout["full"][".lengths"] == [["data"], "device"]
+    # Host-memory shards stay in host memory, split like the device cache.
+    assert layout["clusterkv"][".layers[0].recall.host_k"] == [["data", "model"], "pinned_host"]
+    assert layout["freekv"][".layers[0].pool"] == [["data", None, "model"], "pinned_host"]
+    assert split["stream"]["layout"][".layers[0].long_k"] == [["model"], "device"]
+    # model=4: the 8 query heads split, the 2 KV heads and the 258-token vocabulary replicate.
+    wide = parity["data=2,model=4"]
+    assert wide["params"][".layers[0].wq"] == [[None, "model"], "device"]
+    assert wide["params"][".layers[0].wk"] == [[], "device"]
+    assert wide["params"][".embed"] == [[], "device"]
+    assert wide["generate"]["layout"]["full"][".layers[0].k"] == [["data"], "device"]
+    assert wide["stream"]["layout"][".layers[0].long_k"] == [[], "device"]
+
+
+def test_batch_not_splitting_over_data_is_an_error(parity):
+    assert "a batch of 3 sequences does not split over the mesh's data axis (data=2)" in parity["errors"]["batch"]
+
+
+def test_parse_mesh():
+    assert parse_mesh("data=2,model=4") == {"data": 2, "model": 4}
+    assert parse_mesh(" model=2 ") == {"data": 1, "model": 2}
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("data2", "expected 'axis=size' items"),
+        ("data=0", "expected 'axis=size' items"),
+        ("data=two", "expected 'axis=size' items"),
+        ("pipe=2", "unknown axis 'pipe'"),
+        ("data=1,data=1", "axis 'data' is given twice"),
+        ("data=2,model=2", "has 4 devices but there are 1"),
+    ],
+)
+def test_bad_mesh_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        make_mesh(spec)
+    with pytest.raises(SystemExit, match=f"--mesh: .*{message}"):
+        main(["generate", "--prompt", "hi", "--mesh", spec])
