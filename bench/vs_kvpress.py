@@ -58,11 +58,10 @@ DISPLAY = {("ours", "full"): "Full", ("ours", "streaming_llm"): "StreamingLLM", 
            ("kvpress", "streaming_llm"): "StreamingLLM", ("kvpress", "expected_attention"): "ExpectedAttention",
            ("kvpress", "keydiff"): "KeyDiff"}
 SIDE_ORDER = [("ours", m) for m in OUR_METHODS] + [("kvpress", m) for m in ("full", *PRESSES)]
-# task:length:seeds. Passkey gets the seeds: SmolLM2-135M's Full scores ~0 on the other three
-# tasks (bench/results/accuracy-cpu-*.json), which get one seed to show that on both sides;
-# 7k gets 2 (this 2-core machine, shared, affords ~1 hour for the whole grid).
-DEFAULT_CELLS = ("passkey:4096:10", "passkey:7168:2", "niah_multikey:4096:1", "variable_tracking:4096:1",
-                 "kv_retrieval:4096:1")
+# task:length:seeds, in bench/accuracy.py's sample order (seed, then length, then task), so a
+# run cut short and an --ours-from accuracy run cut short cover the same samples.
+DEFAULT_CELLS = tuple(f"{t}:{n}:10" for n in (4096, 7168) for t in ("passkey", "niah_multikey", "variable_tracking",
+                                                                     "kv_retrieval"))
 QUICK_CELLS = ("passkey:4096:2",)
 ALL_TASKS = ("passkey", "niah_multikey", "variable_tracking", "kv_retrieval")
 CHECK_TOKENS = 64  # prefix of the first prompt whose last-position logits both sides compare
@@ -187,6 +186,42 @@ def ours_record(run_out: dict[str, Any]) -> dict[str, Any]:
     """`bench.accuracy.run_sample`'s output with ms per decode step added."""
     results = {k: {**r, "ms_per_step": _ms(r["decode_s"], r["steps"])} for k, r in run_out["results"].items()}
     return {"prefill_s": run_out["prefill_s"], "compile_s": run_out["compile_s"], "results": results}
+
+
+def ours_from_accuracy(path: Path, samples: dict[str, Any], budgets: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """Our side from a `bench/accuracy.py` result JSON (same generators, seeds and depths), by id.
+
+    Only our methods at `budgets` are kept. A sample whose token count, depth or expected answer
+    differs from the prompt built here means another prompt: that is an error, not a skip.
+    """
+    from kvjax.eval.runner import MAX_NEW_TOKENS
+
+    if not path.is_file():
+        return {}
+    try:
+        other = json.loads(path.read_text())
+    except json.JSONDecodeError:  # being rewritten: next poll
+        return {}
+    st = other.get("settings", {})
+    if not str(st.get("haystack", "")).startswith("noise sentences"):
+        raise SystemExit(f"{path}: haystack {st.get('haystack')!r}, here: noise sentences")
+    for task, n in (st.get("max_new_tokens") or {}).items():
+        if n != MAX_NEW_TOKENS.get(task):
+            raise SystemExit(f"{path}: max_new_tokens[{task}] = {n}, here {MAX_NEW_TOKENS.get(task)}")
+    wanted = {"full"} | {f"{m}/{b}" for m in OUR_METHODS if m != "full" for b in budgets}
+    out = {}
+    for rec in other.get("samples", []):
+        key = sample_id(rec["task"], rec["length"], rec["seed"])
+        if key not in samples:
+            continue
+        mine = samples[key]
+        if (rec["context_tokens"], list(rec["expected"])) != (mine.context_tokens, list(mine.answers)):
+            raise SystemExit(f"{path}: sample {key} is another prompt ({rec['context_tokens']} tokens, "
+                             f"expects {rec['expected']}; here {mine.context_tokens}, {list(mine.answers)})")
+        results = {k: r for k, r in rec["results"].items() if k in wanted}
+        out[key] = ours_record({"prefill_s": rec["prefill_s"], "compile_s": rec["compile_s"], "results": results})
+        out[key]["source"] = str(path)
+    return out
 
 
 def kvpress_record(line: dict[str, Any], sample, decode) -> dict[str, Any]:
@@ -338,7 +373,8 @@ def speed_by_length(rows: list[dict[str, Any]]) -> dict[tuple, float]:
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path | None:
-    """Accuracy vs budget per (task, length) panel (kvjax solid, kvpress dashed), plus decode speed."""
+    """One row per context length: accuracy bars per method and budget for each task, then the
+    decode ms/step of every method (kvjax blue, kvpress orange; lighter bar: the smaller budget)."""
     try:
         import matplotlib
 
@@ -351,56 +387,64 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
     if not rows:
         return None
     cells = _cells(rows)
+    tasks = list(dict.fromkeys(t for t, _ in sorted(cells, key=lambda c: c[0] != "passkey")))
+    lengths = sorted({n for _, n in cells})
     budgets = sorted({r["budget"] for r in rows if r["budget"]})
-    fig, axes = plt.subplots(1, len(cells) + 1, figsize=(3.3 * (len(cells) + 1), 3.3), squeeze=False)
-    colors = {("ours", "streaming_llm"): "tab:orange", ("ours", "quest"): "tab:blue",
-              ("ours", "clusterkv"): "tab:green", ("ours", "freekv"): "tab:red",
-              ("kvpress", "snapkv"): "tab:purple", ("kvpress", "streaming_llm"): "tab:orange",
-              ("kvpress", "expected_attention"): "tab:brown", ("kvpress", "keydiff"): "tab:gray"}
-    for ax, (task, length) in zip(axes[0], cells):
-        for side, name in SIDE_ORDER:
-            rs = sorted((r for r in rows if (r["side"], r["method"], r["task"], r["length"]) == (side, name, task, length)),
-                        key=lambda r: r["budget"] or 0)
-            if not rs:
-                continue
-            lbl = f"{'kvjax' if side == 'ours' else 'kvpress'} {DISPLAY[(side, name)]}"
-            if name == "full":
-                ax.axhline(100 * rs[0]["accuracy"], color="black", ls="-" if side == "ours" else ":", lw=1, label=lbl)
-            else:
-                ax.plot([r["budget"] for r in rs], [100 * r["accuracy"] for r in rs], "o-" if side == "ours" else "s--",
-                        color=colors[(side, name)], label=lbl, ms=4)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.minorticks_off()
-        ax.set_ylim(-5, 105)
-        n = max(r["n"] for r in rows if (r["task"], r["length"]) == (task, length))
-        ax.set_title(f"{task}, {length} tok (n={n})", fontsize=9)
-        ax.set_xlabel("kept tokens", fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0][0].set_ylabel("accuracy (%)", fontsize=8)
-    ax = axes[0][-1]
+    methods = [m for m in SIDE_ORDER if any((r["side"], r["method"]) == m for r in rows)]
+    by = {(r["side"], r["method"], r["budget"], r["task"], r["length"]): r for r in rows}
     speed = speed_by_length(rows)
-    lengths = sorted({k[3] for k in speed})
-    bars = [k for k in dict.fromkeys((s, m, b) for s, m, b, _ in speed)]
-    width = 0.8 / max(len(lengths), 1)
-    for j, length in enumerate(lengths):
-        ax.barh([i + j * width for i in range(len(bars))], [speed.get((*b, length), 0) for b in bars], height=width,
-                label=f"{length} tok")
-    ax.set_yticks([i + width * (len(lengths) - 1) / 2 for i in range(len(bars))],
-                  [f"{'kvjax' if s == 'ours' else 'kvpress'} {DISPLAY[(s, m)]}{'' if b is None else f' {b}'}"
-                   for s, m, b in bars], fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xlabel("decode ms/step (median)", fontsize=8)
-    ax.legend(fontsize=6)
-    ax.tick_params(labelsize=7)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7)
+    shades = {"ours": ("#9ecae1", "#2171b5"), "kvpress": ("#fdae6b", "#d94801")}
+    width = 0.8 / max(len(budgets), 1)
+    names = [f"{'kvjax' if s == 'ours' else 'kvpress'} {DISPLAY[(s, m)]}" for s, m in methods]
+    fig, axes = plt.subplots(len(lengths), len(tasks) + 1, figsize=(3.2 * (len(tasks) + 1), 3.4 * len(lengths)),
+                             squeeze=False)
+
+    def bars(ax, value) -> None:
+        for i, (side, name) in enumerate(methods):
+            if name == "full":
+                v = value(side, name, None)
+                if v is not None:
+                    ax.barh(i, v, height=0.8, color="black" if side == "ours" else "dimgray")
+                continue
+            for j, b in enumerate(budgets):
+                v = value(side, name, b)
+                if v is not None:
+                    ax.barh(i - 0.4 + width * (j + 0.5), v, height=width, color=shades[side][j > 0 or len(budgets) == 1])
+        ax.set_yticks(range(len(methods)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.tick_params(labelsize=7)
+
+    for row, length in enumerate(lengths):
+        for col, task in enumerate(tasks):
+            ax = axes[row][col]
+            if (task, length) not in cells:
+                ax.set_visible(False)
+                continue
+            bars(ax, lambda s, m, b: None if (r := by.get((s, m, b, task, length))) is None else 100 * r["accuracy"])
+            n = max(r["n"] for r in rows if (r["task"], r["length"]) == (task, length))
+            ax.set_xlim(0, 105)
+            ax.set_title(f"{task}, {length} tok (n={n})", fontsize=9)
+            ax.set_xlabel("accuracy (%)", fontsize=8)
+            if col:
+                ax.set_yticklabels([])
+        ax = axes[row][-1]
+        bars(ax, lambda s, m, b: speed.get((s, m, b, length)))
+        ax.set_title(f"decode ms/step (median), {length} tok", fontsize=8)
+        ax.set_xlabel("ms per step", fontsize=8)
+    from matplotlib.patches import Patch
+
+    legend = [Patch(color=shades[side][j > 0 or len(budgets) == 1],
+                    label=f"{'kvjax' if side == 'ours' else 'kvpress'} budget {b}")
+              for side in ("ours", "kvpress") for j, b in enumerate(budgets)]
+    fig.legend(handles=legend + [Patch(color="black", label="Full (no budget)")], loc="lower center",
+               ncol=len(legend) + 1, fontsize=8)
     env = payload.get("environment", {})
-    fig.suptitle(f"kvjax vs kvpress, {payload.get('settings', {}).get('model', 'SmolLM2')} on "
-                 f"{env.get('backend', '?')} ({env.get('cpu', '')})", fontsize=9)
-    fig.tight_layout(rect=(0, 0.14, 1, 0.95))
+    fig.suptitle(f"kvjax vs kvpress {payload.get('kvpress_environment', {}).get('kvpress', '')}, "
+                 f"{payload.get('settings', {}).get('model', 'SmolLM2')}, {env.get('backend', '?')} "
+                 f"({env.get('cpu', '')})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -482,16 +526,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     answers, logits_path = work / "answers.jsonl", work / "check_logits.npy"
 
     payload: dict[str, Any] = {"samples": []}
-    if args.resume and args.output.is_file():
-        payload = json.loads(args.output.read_text())
-        payload["samples"] = [s for s in payload.get("samples", []) if s["id"] in samples]
+    if args.resume:  # the worker skips the prompts already in its answers file
+        if args.output.is_file():
+            payload = json.loads(args.output.read_text())
+            payload["samples"] = [s for s in payload.get("samples", []) if s["id"] in samples]
         log(f"# resuming {args.output}: {sum('ours' in s for s in payload['samples'])} kvjax samples")
     else:
         answers.unlink(missing_ok=True)
         logits_path.unlink(missing_ok=True)
     payload["status"] = "running"
 
-    grid = method_grid(OUR_METHODS, args.budgets)
+    grid = method_grid(OUR_METHODS, args.budgets)  # (with --ours-from: what is read from it)
     # One output buffer for every task (not just this run's), so runs share compiled decodes.
     shapes = Shapes(QUESTION_BUCKET, max(MAX_NEW_TOKENS[t] for t in ALL_TASKS))
     methods_by_length: dict[int, dict[str, Any]] = {}
@@ -532,12 +577,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "kvpress mean of its answer steps after the question chunk; medians over samples",
         },
         "argv": list(args.argv),
+        "kvjax_side_from": str(args.ours_from) if args.ours_from else "run here (bench.accuracy.run_sample)",
     }
     decode = lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     t_start = time.perf_counter()
 
     def save() -> None:
         merge_worker_output(payload, answers, samples, decode)
+        if args.ours_from:
+            for key, record in ours_from_accuracy(args.ours_from, samples, args.budgets).items():
+                target = next((x for x in payload["samples"] if x["id"] == key), None)
+                if target is None:
+                    target = base_record(key, samples[key])
+                    payload["samples"].append(target)
+                target["ours"] = record
         if "logit_check" not in payload:
             found = logit_check(model, spec["check_ids"], logits_path)
             if found is not None:
@@ -557,7 +610,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     worker = subprocess.Popen(cmd, stdout=worker_log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         done_ours = {s["id"] for s in payload["samples"] if "ours" in s}
-        todo = [k for k in samples if k not in done_ours]
+        todo = [] if args.ours_from else [k for k in samples if k not in done_ours]
         for i, key in enumerate(todo):
             sample = samples[key]
             t1 = time.perf_counter()
@@ -574,7 +627,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"[kvjax {i + 1}/{len(todo)}] {key} {time.perf_counter() - t1:.0f} s (compile "
                 f"{out['compile_s']:.0f} s); kvpress has {done}/{len(samples)}; "
                 + " ".join(f"{k}={r['score']:.2g}" for k, r in out["results"].items()))
-        while worker.poll() is None:
+        while worker.poll() is None and (args.max_minutes is None or
+                                         time.perf_counter() - t_start < 60 * args.max_minutes):
             time.sleep(15)
             save()
         save()
@@ -582,7 +636,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if worker.poll() is None:
             worker.terminate()
         worker_log.close()
-    if worker.returncode != 0:
+    worker.wait()
+    if args.max_minutes is not None and time.perf_counter() - t_start >= 60 * args.max_minutes:
+        payload["status"] = (f"stopped after --max-minutes {args.max_minutes}: "
+                             f"{sum('kvpress' in x for x in payload['samples'])} of {len(samples)} prompts "
+                             "answered by kvpress (--resume continues)")
+    elif worker.returncode != 0:
         payload["status"] = f"kvpress worker exited {worker.returncode} (see {work / 'worker.log'})"
         log(f"# {payload['status']}")
     else:
@@ -603,6 +662,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=None,
                    help="JSON path (default bench/results/vs_kvpress-<backend>-<date>.json)")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: the JSON path with .png)")
+    p.add_argument("--ours-from", type=Path, default=None, metavar="JSON",
+                   help="take kvjax's side from a bench/accuracy.py result (same prompts) instead of running it; "
+                        "re-read while the kvpress side runs")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop the kvpress side after this long")
     p.add_argument("--resume", action="store_true", help="continue --output and the worker's answers")
     p.add_argument("--report", type=Path, default=None, metavar="JSON", help="run nothing: tables and plot of JSON")
     args = p.parse_args(argv)

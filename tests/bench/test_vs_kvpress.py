@@ -97,3 +97,26 @@ def test_merge_score_and_tables(tok, dumped, tmp_path):
 def test_kvpress_side_needs_its_venv():
     pytest.skip("the kvpress worker needs the kvpress virtual environment (created by "
                 "`python -m bench.vs_kvpress`, ~1 GB); not installed in CI")
+
+
+def test_ours_from_an_accuracy_run(dumped, tmp_path):
+    samples, _ = dumped
+    s = samples["passkey/256/0"]
+    rec = {"task": "passkey", "length": 256, "seed": 0, "context_tokens": s.context_tokens,
+           "expected": list(s.answers), "prefill_s": 1.0, "compile_s": 5.0, "results": {
+               "full": {"answer": "x", "score": 1.0, "decode_s": 0.3, "steps": 3},
+               "clusterkv/64": {"answer": "y", "score": 0.0, "decode_s": 0.3, "steps": 3},
+               "clusterkv/128": {"answer": "z", "score": 0.0, "decode_s": 0.3, "steps": 3}}}
+    other = {"settings": {"haystack": "noise sentences (kv_retrieval: its JSON object)",
+                          "max_new_tokens": {"passkey": 8}},
+             "samples": [rec, {**rec, "length": 999}]}  # a sample outside this grid: ignored
+    path = tmp_path / "acc.json"
+    path.write_text(json.dumps(other))
+    got = bench.ours_from_accuracy(path, samples, [64])
+    assert list(got) == ["passkey/256/0"]
+    assert set(got["passkey/256/0"]["results"]) == {"full", "clusterkv/64"}  # budget 128 not in this run
+    assert got["passkey/256/0"]["results"]["full"]["ms_per_step"] == pytest.approx(100.0)
+    path.write_text(json.dumps({**other, "samples": [{**rec, "context_tokens": 7}]}))
+    with pytest.raises(SystemExit, match="another prompt"):
+        bench.ours_from_accuracy(path, samples, [64])
+    assert bench.ours_from_accuracy(tmp_path / "missing.json", samples, [64]) == {}
