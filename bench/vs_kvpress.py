@@ -19,8 +19,14 @@ Decode speed: ms per single-token decode step, both sides on the same thread cou
 default 1: torch.set_num_threads, XLA's intra-op thread flags; this machine is shared and
 noisy, so compare ratios). The two sides run at the same time, each sample-major.
 
+`--ours-from ACCURACY_JSON` does not run our methods: it reads them from a `bench/accuracy.py`
+result over the same prompts (checked sample by sample), re-reading it while the kvpress side
+runs; the table covers the samples both sides have. Its speeds are then that run's (its thread
+settings, its load). `--resume` continues both the JSON and the kvpress worker's answers.
+
     /work/main/.venv/bin/python -m bench.vs_kvpress --quick
     /work/main/.venv/bin/python -m bench.vs_kvpress            # the grid in DEFAULT_CELLS
+    /work/main/.venv/bin/python -m bench.vs_kvpress --resume --ours-from bench/results/accuracy-cpu-DATE.json
     /work/main/.venv/bin/python -m bench.vs_kvpress --report bench/results/vs_kvpress-cpu-DATE.json
 """
 
@@ -144,17 +150,19 @@ def sample_id(task: str, length: int, seed: int) -> str:
     return f"{task}/{length}/{seed}"
 
 
-def make_samples(tokenizer, cells: list[tuple[str, int, int]]) -> dict[str, Any]:
-    """Samples by id, seed-major (seed 0 of every cell first) as `bench/accuracy.py` builds them."""
+def make_samples(tokenizer, cells: list[tuple[str, int, int]], first: Sequence[str] = ()) -> dict[str, Any]:
+    """Samples by id, seed-major (seed 0 of every cell first) as `bench/accuracy.py` builds them;
+    the cells of the tasks in `first` before the others (each group seed-major)."""
     from bench.accuracy import depth_for
     from kvjax.eval.tasks import make_sample
 
     samples = {}
-    for seed in range(max((n for _, _, n in cells), default=0)):
-        for task, length, n in cells:
-            if seed < n:
-                samples[sample_id(task, length, seed)] = make_sample(task, tokenizer, length, depth=depth_for(seed),
-                                                                     seed=seed)
+    for group in ([c for c in cells if c[0] in first], [c for c in cells if c[0] not in first]):
+        for seed in range(max((n for _, _, n in group), default=0)):
+            for task, length, n in group:
+                if seed < n:
+                    samples[sample_id(task, length, seed)] = make_sample(task, tokenizer, length,
+                                                                         depth=depth_for(seed), seed=seed)
     return samples
 
 
@@ -355,12 +363,31 @@ def markdown_tables(payload: dict[str, Any]) -> str:
             ratios.append(f"{_k(length)}: {theirs / ours:.2f}x")
     if ratios:
         out.append("\nFull decode, kvpress (torch) ms/step over kvjax ms/step: " + ", ".join(ratios) + ".")
+    same = agreement(payload.get("samples") or [])
+    if same:
+        out.append("\nSame answer text on both sides (samples both answered): "
+                   + ", ".join(f"{k} {a}/{n}" for k, (a, n) in same.items()) + ".")
     prefill = {(r["side"], r["length"]): r["prefill_s"] for r in rows if r["method"] == "full"}
     pre = [f"{_k(l)}: kvjax {prefill[('ours', l)]:.1f} s, torch {prefill[('kvpress', l)]:.1f} s"
            for l in lengths if ("ours", l) in prefill and ("kvpress", l) in prefill]
     if pre:
         out.append("Dense prefill (median): " + "; ".join(pre) + ".")
     return "\n".join(out)
+
+
+def agreement(samples: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """For Full and StreamingLLM (the methods both libraries have): (same answers, samples)."""
+    out: dict[str, list[int]] = {}
+    for s in samples:
+        if "ours" not in s or "kvpress" not in s:
+            continue
+        for key, theirs in s["kvpress"]["results"].items():
+            ours = s["ours"]["results"].get(key)
+            if ours is not None:
+                counts = out.setdefault(key, [0, 0])
+                counts[0] += ours["answer"] == theirs["answer"]
+                counts[1] += 1
+    return {k: (a, n) for k, (a, n) in sorted(out.items(), key=lambda kv: (kv[0] != "full", kv[0]))}
 
 
 def speed_by_length(rows: list[dict[str, Any]]) -> dict[tuple, float]:
@@ -517,7 +544,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = models.load("smollm2")
     log(f"# model loaded in {time.perf_counter() - t0:.1f} s")
-    samples = make_samples(model.tokenizer, cells)
+    samples = make_samples(model.tokenizer, cells, args.first)
     gguf = embedded_model_path()
     spec = dump_prompts(model.tokenizer, samples, args.budgets, PRESSES, model.eos_token_ids or (), gguf)
     work = args.work / args.output.stem
@@ -564,7 +591,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "kvpress_presses": {p: "kvpress defaults, compression_ratio = 1 - (budget + 0.5) / context tokens "
                                "(keeps exactly `budget` context tokens per layer and KV head)" for p in PRESSES},
         "kvpress_versions": kv_versions, "threads": args.threads,
-        "thread_limits": {"kvjax": f"XLA_FLAGS={xla_flags}", "kvpress": f"torch.set_num_threads({args.threads})"},
+        "thread_limits": {"kvjax": (f"XLA_FLAGS={xla_flags}" if not args.ours_from else
+                                    "as the --ours-from runs were started"),
+                          "kvpress": f"torch.set_num_threads({args.threads})"},
         "protocol": {
             "kvjax": "one dense prefill per sample; each method's cache derived from it (kvjax.generation.convert); "
                      "question fed token by token; greedy (bench.accuracy.run_sample)",
@@ -577,15 +606,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "kvpress mean of its answer steps after the question chunk; medians over samples",
         },
         "argv": list(args.argv),
-        "kvjax_side_from": str(args.ours_from) if args.ours_from else "run here (bench.accuracy.run_sample)",
+        "kvjax_side_from": ([str(p) for p in args.ours_from] if args.ours_from
+                            else "run here (bench.accuracy.run_sample)"),
     }
     decode = lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     t_start = time.perf_counter()
 
     def save() -> None:
         merge_worker_output(payload, answers, samples, decode)
-        if args.ours_from:
-            for key, record in ours_from_accuracy(args.ours_from, samples, args.budgets).items():
+        for source in args.ours_from or ():
+            for key, record in ours_from_accuracy(source, samples, args.budgets).items():
                 target = next((x for x in payload["samples"] if x["id"] == key), None)
                 if target is None:
                     target = base_record(key, samples[key])
@@ -662,9 +692,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=None,
                    help="JSON path (default bench/results/vs_kvpress-<backend>-<date>.json)")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: the JSON path with .png)")
-    p.add_argument("--ours-from", type=Path, default=None, metavar="JSON",
-                   help="take kvjax's side from a bench/accuracy.py result (same prompts) instead of running it; "
-                        "re-read while the kvpress side runs")
+    p.add_argument("--ours-from", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="take kvjax's side from bench/accuracy.py results (same prompts; a later file wins) "
+                        "instead of running it; re-read while the kvpress side runs")
+    p.add_argument("--first", nargs="*", default=[], metavar="TASK",
+                   help="run these tasks' prompts before the others (e.g. to follow a passkey-only --ours-from run)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop the kvpress side after this long")
     p.add_argument("--resume", action="store_true", help="continue --output and the worker's answers")
     p.add_argument("--report", type=Path, default=None, metavar="JSON", help="run nothing: tables and plot of JSON")
