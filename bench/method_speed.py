@@ -157,14 +157,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def save_result(output, benchmark: str, env: dict[str, Any], settings: dict[str, Any],
-                rows: list[dict[str, Any]]) -> None:
-    """Write a speed benchmark's JSON; called after every measurement, so that a run cut
-    short keeps what it measured."""
+                rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+    """Write a benchmark's JSON (`extra`: more top-level keys); called after every measurement,
+    so that a run cut short keeps what it measured. Written atomically (temporary file, rename)."""
     import json
+    import os
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"benchmark": benchmark, "environment": env, "settings": settings,
-                                  "rows": rows}, indent=2) + "\n")
+    tmp = output.with_suffix(output.suffix + ".tmp")
+    tmp.write_text(json.dumps({"benchmark": benchmark, "environment": env, "settings": settings,
+                               "rows": rows, **(extra or {})}, indent=2) + "\n")
+    os.replace(tmp, output)
 
 
 def add_speed_args(p, contexts: list[int]) -> None:
