@@ -12,7 +12,7 @@ memory, `pinned_host` or numpy, whichever is faster. One call copies `n` missing
 - `numpy`: the pool is a numpy array; numpy fancy-indexes the blocks and `jax.device_put`
   sends them (outside jit, so the decode step would have to be split around it);
 - `pinned_per_block_16bit_floats` (bfloat16 only): the per-block copies on a pool stored as
-  bfloat16 rather than its bits, which is what FreeKV did before `pool_bits`.
+  bfloat16 rather than its bits, which is what FreeKV did before `host_bits`.
 
 On a CPU backend host and device memory are the same RAM: the numbers compare the per-call
 overheads, not PCIe. Run it on a GPU for the transfer itself.
@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.method_speed import save_result
-from kvjax.compat import on_host, to_device, to_host
-from kvjax.methods.freekv import FreeKV, pool_bits
+from kvjax.compat import host_bits, on_host, to_device, to_host
+from kvjax.methods.freekv import FreeKV
 
 # (KV heads, head dim) of the benchmark shapes; 32k context in pages of 32 tokens.
 SHAPES = {"smollm2": (3, 64), "llama3-8b": (8, 128)}
@@ -68,7 +68,7 @@ def variants(n: int, hkv: int, d: int, dtype, rng: np.random.Generator) -> dict[
     """The ways of copying the same `n` blocks, each a blocking zero-argument call."""
     pool_np = rng.standard_normal((1, PAGES, hkv, 2, PAGE, d)).astype(dtype)
     pool = to_host(jnp.asarray(pool_np))
-    method_pool = to_host(pool_bits(jnp.asarray(pool_np)))  # as FreeKV stores it
+    method_pool = to_host(host_bits(jnp.asarray(pool_np)))  # as FreeKV stores it
     pages, missing, target = selection(n, hkv, rng)
     method = FreeKV(budget=PAGE * (2 + 2 + -(-n // hkv)), page_size=PAGE, sink=2 * PAGE,
                     recent=2 * PAGE, offload=True)
@@ -76,21 +76,22 @@ def variants(n: int, hkv: int, d: int, dtype, rng: np.random.Generator) -> dict[
     per_block = jax.jit(lambda pool, pages, missing, target:
                         method._gather(pool, pages, missing, target, pool_np.dtype, n)[0])
 
-    @jax.jit
-    def host_gather(pool, pages):
-        rows = (pages[0] * hkv + jnp.arange(hkv)[:, None]).reshape(-1)[:n]  # [n] rows of [pages*Hkv, ...]
-        take = lambda table, r: jnp.take(table.reshape(PAGES * hkv, 2, PAGE, d), r, axis=0, mode="clip")
-        return to_device(on_host(take, pool, to_host(rows)))
-
     # The same blocks in the same (head-major) order as `missing`.
     page_idx = np.asarray(pages[0]).reshape(-1)[:n]
     head_idx = np.repeat(np.arange(hkv), pages.shape[2])[:n]
+    rows = jnp.asarray(page_idx * hkv + head_idx, jnp.int32)  # rows of the [pages * Hkv, 2, P, d] view
+
+    @jax.jit
+    def host_gather(pool, rows):
+        take = lambda table, r: jnp.take(table.reshape(PAGES * hkv, 2, PAGE, d), r, axis=0, mode="clip")
+        return to_device(on_host(take, pool, to_host(rows)))
+
     calls = {
         "pinned_per_block": lambda: per_block(method_pool, pages, missing, target).block_until_ready(),
-        "pinned_host_gather": lambda: host_gather(pool, pages).block_until_ready(),
+        "pinned_host_gather": lambda: host_gather(pool, rows).block_until_ready(),
         "numpy": lambda: jax.device_put(pool_np[0, page_idx, head_idx]).block_until_ready(),
     }
-    if pool_np.dtype.itemsize == 2:  # the same copies on the pool as 16-bit floats (before `pool_bits`)
+    if pool_np.dtype.itemsize == 2:  # the same copies on the pool as 16-bit floats (before `host_bits`)
         calls["pinned_per_block_16bit_floats"] = lambda: per_block(pool, pages, missing, target).block_until_ready()
     return calls
 

@@ -39,6 +39,23 @@ def to_host(x: jax.Array) -> jax.Array:
     return jax.device_put(x, jax.memory.Space.Host)
 
 
+def host_bits(x: jax.Array) -> jax.Array:
+    """An array as kept in host memory: 16-bit floats as their uint16 bit patterns.
+
+    XLA's CPU backend computes bfloat16 in float32, and it hoists that conversion of a whole
+    host array out of a loop that reads slices of it: every layer, every step converted the
+    entire store (373-405 ms per layer for a 32k Llama-3-8B-shaped FreeKV pool,
+    `bench/host_pool.py`). Integer slices need no conversion, and bitcasting the small
+    slices on the device costs nothing. Bitcasting the host array itself inside jit copies
+    it, so the store must be kept in this form."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def from_host_bits(x: jax.Array, dtype) -> jax.Array:
+    """Slices read from a `host_bits` store, back in their dtype."""
+    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
+
+
 def to_device(x: jax.Array) -> jax.Array:
     """Move an array to device memory, inside or outside jit (a host -> device copy)."""
     return jax.device_put(x, jax.memory.Space.Device)

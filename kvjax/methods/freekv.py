@@ -73,7 +73,7 @@ from flax import struct
 import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import BATCH, HEADS, CacheSpec, axes
-from kvjax.compat import to_device, to_host
+from kvjax.compat import from_host_bits, host_bits, to_device, to_host
 from kvjax.methods.base import (
     check_int,
     empty_kv,
@@ -85,21 +85,6 @@ from kvjax.methods.base import (
 )
 from kvjax.methods.sparse import SparseMethod
 from kvjax.pages import add_token, write_prompt_digests
-
-
-def pool_bits(x: jax.Array) -> jax.Array:
-    """KV as stored in the host pool: 16-bit floats as their uint16 bit patterns.
-
-    XLA's CPU backend computes bfloat16 in float32, and it hoisted that conversion of the
-    whole pool out of the per-block recall loop: every layer, every step converted the entire
-    context (100 ms per layer at 32k for SmolLM2, `bench/host_pool.py`). Integer slices need
-    no conversion, and the bitcasts of the small blocks on the device cost nothing."""
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
-
-
-def from_pool_bits(x: jax.Array, dtype) -> jax.Array:
-    """Blocks copied out of the host pool, back in the KV dtype (inverse of `pool_bits`)."""
-    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
 
 
 @struct.dataclass
@@ -122,7 +107,7 @@ class FreeKVLayerCache:
     # offload=True only (None otherwise):
     # [B, Hkv, k] int32 page held by each retrieved slot, -1 empty
     slot_page: jax.Array | None = axes(BATCH, HEADS, None, default=None)
-    # [B, S / page_size, Hkv, 2, page_size, d] pinned_host: every page (`pool_bits`)
+    # [B, S / page_size, Hkv, 2, page_size, d] pinned_host: every page (`host_bits`)
     pool: jax.Array | None = axes(BATCH, None, HEADS, None, None, None, default=None)
     recalled: jax.Array | None = None  # [B, Hkv] int32 pages copied host -> device so far
     # offload=True with speculative=True: the recall for the next step, issued by this one.
@@ -226,7 +211,7 @@ class FreeKV(SparseMethod):
         cache = FreeKVLayerCache(
             *empty_kv(spec, self.budget), **state,
             slot_page=jnp.full((b, hkv, self.top_pages), -1, jnp.int32),
-            pool=to_host(pool_bits(jnp.zeros(pool, spec.dtype))),
+            pool=to_host(host_bits(jnp.zeros(pool, spec.dtype))),
             recalled=jnp.zeros((b, hkv), jnp.int32),
         )
         if not self.speculative:
@@ -400,7 +385,7 @@ class FreeKV(SparseMethod):
         # Host pool, head-major [B, pages, Hkv, 2, P, d]: the head-major conversion happens on
         # the device, the copy is one contiguous block per sequence.
         blocks = jnp.stack([kh, vh], axis=2).reshape(b, hkv, 2, t_pages // p, p, d).transpose(0, 3, 1, 2, 4, 5)
-        pool = jax.lax.dynamic_update_slice(cache.pool, to_host(pool_bits(blocks)), (0, 0, 0, 0, 0, 0))
+        pool = jax.lax.dynamic_update_slice(cache.pool, to_host(host_bits(blocks)), (0, 0, 0, 0, 0, 0))
         # Device slots: sinks (slot == position) and the recent ring.
         ring = jnp.clip(self._ring_positions(lengths), 0, t_pages - 1)[:, None, :, None]  # [B, 1, R, 1]
         ring = jnp.broadcast_to(ring, (b, hkv, self.recent, 1))
@@ -462,7 +447,7 @@ class FreeKV(SparseMethod):
             block = jax.lax.dynamic_slice(pool, start, (1, 1, 1, 2, p, d))
             return stage.at[i].set(to_device(block)[0, 0, 0])
 
-        blocks = from_pool_bits(jax.lax.fori_loop(0, count, copy, jnp.zeros((n, 2, p, d), pool.dtype)), dtype)
+        blocks = from_host_bits(jax.lax.fori_loop(0, count, copy, jnp.zeros((n, 2, p, d), pool.dtype)), dtype)
         slot = jnp.where(jnp.arange(n) < count, self.sink + target.reshape(-1)[order] * p, self.budget)
         return blocks, jnp.stack([order // (hkv * top), (order // top) % hkv, slot], axis=1)
 
@@ -537,7 +522,7 @@ class FreeKV(SparseMethod):
         pool = cache.pool
         token = jnp.stack([k, v], axis=2)  # [B, Hkv, 2, d]
         for row in range(k.shape[0]):
-            update = to_host(pool_bits(token[row][None, None, :, :, None, :]))
+            update = to_host(host_bits(token[row][None, None, :, :, None, :]))
             pool = jax.lax.dynamic_update_slice(pool, update, (row, page[row], 0, 0, offset[row], 0))
         return cache.replace(pool=pool)
 

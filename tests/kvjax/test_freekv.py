@@ -312,13 +312,12 @@ def test_offload_bfloat16_pool_recall_copies_blocks_without_converting_the_pool(
     """A bfloat16 pool is stored as its uint16 bits: the recall returns the exact blocks, and
     the compiled copy never converts the whole pool (XLA's CPU backend computes bfloat16 in
     float32 and hoisted that conversion of every page out of the copy loop)."""
-    from kvjax.compat import to_host
-    from kvjax.methods.freekv import pool_bits
+    from kvjax.compat import host_bits, to_host
 
     method = FreeKV(budget=24, page_size=4, sink=4, recent=8, dense_layers=0, offload=True)
     rng = np.random.default_rng(7)
     pool_np = rng.standard_normal((2, 16, HKV, 2, 4, D)).astype(jnp.bfloat16)
-    pool = to_host(pool_bits(jnp.asarray(pool_np)))
+    pool = to_host(host_bits(jnp.asarray(pool_np)))
     assert pool.dtype == jnp.uint16
     pages = jnp.asarray(rng.choice(16, (2, HKV, 3)), jnp.int32)
     missing = jnp.asarray(rng.random((2, HKV, 3)) < 0.6)
