@@ -15,10 +15,11 @@ clustered into `window_clusters` clusters appended to the index.
 Attended set per query head: sinks + selected tokens + window + the current token.
 
 **Recall from host** (`offload=True`, section 3 item 7): the clustered tokens live in host
-memory (`pinned_host`), in the same index order. The device keeps the sinks, the window, the
-index (centroids, sizes, order: small) and a recall buffer of `budget - sink` slots per recall
-head (each query head; each KV head with `selection="kv_head"`) holding the previous step's
-selection. A step reuses the tokens of clusters that were selected at the previous step from
+memory (`pinned_host`), in the same index order (16-bit floats as their uint16 bits,
+`kvjax.compat.host_bits`: copies read no bfloat16 on the host). The device keeps the sinks,
+the window, the index (centroids, sizes, order: small) and a recall buffer of `budget - sink`
+slots per recall head (each query head; each KV head with `selection="kv_head"`) holding the
+previous step's selection. A step reuses the tokens of clusters that were selected at the previous step from
 that buffer and copies only the others from the host (a cluster cache with history R = 1).
 Clustered windows are written to the host. Counters in the cache (`HostRecall`) give the
 cluster hit rate and the bytes copied (`ClusterKV.decode_stats`).
@@ -38,7 +39,7 @@ import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import BATCH, HEADS, CacheSpec, axes
 from kvjax.clustering import INITS, cluster_keys
-from kvjax.compat import host_put, host_take, to_host
+from kvjax.compat import from_host_bits, host_bits, host_put, host_take, to_host
 from kvjax.methods.base import (
     check_int,
     empty_kv,
@@ -66,8 +67,10 @@ class HostRecall:
     Counters are cumulative since the prefill, summed over recall heads.
     """
 
-    host_k: jax.Array = axes(BATCH, HEADS, None, None)  # [B, Hkv, S - sink, d] pinned_host: clustered tokens
-    host_v: jax.Array = axes(BATCH, HEADS, None, None)  # (in index order)
+    # [B, Hkv, S - sink, d] pinned_host: clustered tokens in index order, as `host_bits`
+    # (16-bit floats as uint16: read back with `from_host_bits`)
+    host_k: jax.Array = axes(BATCH, HEADS, None, None)
+    host_v: jax.Array = axes(BATCH, HEADS, None, None)
     k: jax.Array = axes(BATCH, HEADS, None, None)  # [B, Hr, budget - sink, d] device: the recall buffer
     v: jax.Array = axes(BATCH, HEADS, None, None)
     held: jax.Array = axes(BATCH, HEADS, None)  # [B, Hr, C] int32
@@ -171,7 +174,7 @@ class ClusterKV(SparseMethod):
         buffer = (b, hr, self.budget - self.sink, spec.head_dim)
         count = lambda: jnp.zeros((b,), jnp.int32)
         return HostRecall(
-            host_k=to_host(host_k), host_v=to_host(host_v),
+            host_k=to_host(host_bits(host_k)), host_v=to_host(host_bits(host_v)),
             k=jnp.zeros(buffer, spec.dtype), v=jnp.zeros(buffer, spec.dtype),
             held=jnp.zeros((b, hr, clusters), jnp.int32), held_at=jnp.zeros((b, hr, clusters), jnp.int32),
             selected=count(), hits=count(), copied=count(), steps=jnp.zeros((), jnp.int32),
@@ -457,8 +460,8 @@ class ClusterKV(SparseMethod):
             i, k, v = carry
             rows = jax.lax.dynamic_slice_in_dim(source, i * chunk, chunk)
             to = jax.lax.dynamic_slice_in_dim(dest, i * chunk, chunk)
-            k = k.at[to].set(host_take(r.host_k, rows), mode="drop")
-            v = v.at[to].set(host_take(r.host_v, rows), mode="drop")
+            k = k.at[to].set(from_host_bits(host_take(r.host_k, rows), k.dtype), mode="drop")
+            v = v.at[to].set(from_host_bits(host_take(r.host_v, rows), v.dtype), mode="drop")
             return i + 1, k, v
 
         _, k, v = jax.lax.while_loop(lambda c: c[0] * chunk < misses, copy, (jnp.int32(0), k, v))
@@ -491,12 +494,12 @@ class ClusterKV(SparseMethod):
 
 
 def _write_host(host: jax.Array, start: jax.Array, values: jax.Array) -> jax.Array:
-    """`write_tokens` for a host buffer [B, H, S, d]: start [B, H], values [B, H, n, d]
-    (slots past S are dropped)."""
+    """`write_tokens` for a host buffer [B, H, S, d] (`host_bits`): start [B, H], values
+    [B, H, n, d] in the cache dtype (slots past S are dropped)."""
     b, h, s, d = host.shape
     slots = start[..., None] + jnp.arange(values.shape[2])
     rows = (jnp.arange(b)[:, None, None] * h + jnp.arange(h)[None, :, None]) * s + slots
-    return host_put(host, jnp.where(slots < s, rows, b * h * s).reshape(-1), values.reshape(-1, d))
+    return host_put(host, jnp.where(slots < s, rows, b * h * s).reshape(-1), host_bits(values).reshape(-1, d))
 
 
 def _reset_counters(recall: HostRecall) -> HostRecall:

@@ -12,6 +12,8 @@ section 3 item 7).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +199,53 @@ def test_cli_offload_flag():
     assert _method_from_args("clusterkv", parse("--offload")) == ClusterKV(offload=True)
     assert _method_from_args("clusterkv", parse("--no-offload")) == ClusterKV(offload=False)
     assert _method_from_args("clusterkv", parse()) == ClusterKV()
+
+
+# --- 16-bit host storage -----------------------------------------------------------------
+
+
+def _f32_arrays_of_size(hlo: str, size: int) -> list[str]:
+    """Float32 arrays of `size` elements (any shape) in an HLO text."""
+    shapes = set(re.findall(r"f32\[([\d,]+)\]", hlo))
+    return [s for s in shapes if math.prod(map(int, s.split(","))) == size]
+
+
+def test_offload_bfloat16_host_recall_copies_rows_without_converting_the_store():
+    """bfloat16 clustered tokens are stored as their uint16 bits: the recall returns the exact
+    rows, and a compiled decode step never converts the whole host store (XLA's CPU backend
+    computes bfloat16 in float32 and hoisted that conversion of every host row out of the
+    per-chunk copy loop: a full-store conversion per layer and step)."""
+    method = ClusterKV(budget=20, sink=2, tokens_per_cluster=4, window=6, window_clusters=2, dense_layers=0,
+                       offload=True)
+    n, lengths = 40, jnp.array([40, 35])
+    cache_spec = CacheSpec(batch=2, capacity=n + 8, num_layers=1, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                           dtype=jnp.bfloat16)
+    layer = init_cache(method, cache_spec).layers[0]
+    rng = np.random.default_rng(8)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, n, h, D)), jnp.float32) for h in (HQ, HKV, HKV))
+    _, layer = jax.jit(lambda c: method.prefill(0, c, q, k, v, lengths))(layer)
+    r = layer.recall
+    host_size = r.host_k.size
+    assert r.host_k.dtype == r.host_v.dtype == jnp.uint16 and r.host_k.sharding.memory_kind == "pinned_host"
+
+    # Recall random index entries of every recall head into zeroed buffers.
+    b, hr, slots, _ = r.k.shape
+    entries = n - method.sink
+    index = jnp.asarray(rng.integers(0, entries, (b, hr, slots)), jnp.int32)
+    missed = jnp.asarray(rng.random((b, hr, slots)) < 0.6)
+    zeros = jnp.zeros((b * hr * slots, D), jnp.bfloat16)
+    got_k, got_v = jax.jit(lambda r, i, m: method._fetch(r, i, m, zeros, zeros))(r, index, missed)
+    assert got_k.dtype == jnp.bfloat16
+    # Index entry i of (sequence, KV head) holds the token at position order[i].
+    position = np.take_along_axis(np.asarray(layer.order), np.asarray(index).reshape(b, HKV, -1), axis=-1)
+    position = position.reshape(b, hr, slots)
+    kv_head = np.arange(hr) // (hr // HKV)
+    for got, x in ((got_k, k), (got_v, v)):
+        want = np.asarray(x.astype(jnp.bfloat16))[np.arange(b)[:, None, None], position, kv_head[None, :, None]]
+        want = np.where(np.asarray(missed)[..., None], want, 0).reshape(-1, D)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+    # A decode step (recall and window clustering into the host store) converts no host array.
+    attend = jax.jit(lambda c, q, k, v, pos: method.attend(0, c, q, k, v, pos))
+    hlo = attend.lower(layer, q[:, 0], k[:, 0], v[:, 0], lengths).compile().as_text()
+    assert not _f32_arrays_of_size(hlo, host_size)
