@@ -5,8 +5,8 @@ memory, `pinned_host` or numpy, whichever is faster. One call copies `n` missing
 (sequence, page, KV head) blocks to the device; three ways are timed side by side:
 
 - `pinned_per_block`: the pool is a jax array in `pinned_host` memory and the jitted step
-  copies one block at a time (`FreeKV._gather`, the code the method runs, on the pool as
-  FreeKV stores it: 16-bit floats as uint16 bits);
+  copies one block per KV head at a time, all heads in one host gather (`FreeKV._gather`,
+  the code the method runs, on the pool as FreeKV stores it: 16-bit floats as uint16 bits);
 - `pinned_host_gather`: the same pool, the gather computed on the host (XLA `device_host`
   compute) and the `n` blocks sent in one transfer;
 - `numpy`: the pool is a numpy array; numpy fancy-indexes the blocks and `jax.device_put`
@@ -73,8 +73,12 @@ def variants(n: int, hkv: int, d: int, dtype, rng: np.random.Generator) -> dict[
     method = FreeKV(budget=PAGE * (2 + 2 + -(-n // hkv)), page_size=PAGE, sink=2 * PAGE,
                     recent=2 * PAGE, offload=True)
 
+    # Blocks compacted per head: the missing ones lead each head's entries, so the first `n`
+    # of the flattened [1, Hkv, top] entries are the `n` missing blocks in head-major order.
+    top = pages.shape[2]
     per_block = jax.jit(lambda pool, pages, missing, target:
-                        method._gather(pool, pages, missing, target, pool_np.dtype, n)[0])
+                        method._gather(pool, pages, missing, target, pool_np.dtype, top)[0].reshape(
+                            hkv * top, 2, PAGE, d)[:n])
 
     # The same blocks in the same (head-major) order as `missing`.
     page_idx = np.asarray(pages[0]).reshape(-1)[:n]

@@ -92,3 +92,33 @@ def host_put(host: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
     updated in host memory (the values cross device -> host). Out-of-range rows are dropped."""
     put = lambda table, r, x: table.reshape(-1, table.shape[-1]).at[r].set(x, mode="drop").reshape(table.shape)
     return on_host(put, host, to_host(rows), to_host(values.astype(host.dtype)))
+
+
+def _per_row(fn: Callable[..., Any], head_axis: int, operands: int) -> Callable[..., Any]:
+    """`fn(table, *others)` mapped (vmap) over the sequence axis (0) and `head_axis` of
+    `table` and the two leading axes of the `operands - 1` others: gathers and scatters with
+    explicit batch dimensions, which XLA's SPMD partitioner keeps local to each shard."""
+    return jax.vmap(jax.vmap(fn, in_axes=(head_axis - 1,) + (0,) * (operands - 1)))
+
+
+def host_take_rows(host: jax.Array, rows: jax.Array, head_axis: int = 1) -> jax.Array:
+    """Rows of each (sequence, head) of a host-memory array, copied to device memory.
+
+    host: [B, ..., H, ...] in `pinned_host` with heads on `head_axis`, viewed per (sequence,
+    head) as [S, ...] (S: its first axis other than those two); rows: [B, H, n] int32
+    indices into S (clamped into range). Returns [B, H, n, ...] in device memory. The gather
+    is batched over (sequence, head) and runs on the host (`device_host` compute): on a mesh
+    that splits sequences and heads, each device copies from its own shard of `host` (an
+    index into the whole flattened array makes XLA gather the entire array onto every
+    device).
+    """
+    take = lambda table, r: jnp.take(table, r, axis=0, mode="clip")
+    return to_device(on_host(_per_row(take, head_axis, 2), host, to_host(rows)))
+
+
+def host_put_rows(host: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+    """`host` [B, H, S, ...] with rows `rows` [B, H, n] of each (sequence, head) set to
+    `values` [B, H, n, ...], updated in host memory, per (sequence, head) like
+    `host_take_rows`. Out-of-range rows are dropped."""
+    put = lambda table, r, x: table.at[r].set(x, mode="drop")
+    return on_host(_per_row(put, 1, 3), host, to_host(rows), to_host(values.astype(host.dtype)))

@@ -39,7 +39,7 @@ import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import BATCH, HEADS, CacheSpec, axes
 from kvjax.clustering import INITS, cluster_keys
-from kvjax.compat import from_host_bits, host_bits, host_put, host_take, to_host
+from kvjax.compat import from_host_bits, host_bits, host_put_rows, host_take_rows, to_host
 from kvjax.methods.base import (
     check_int,
     empty_kv,
@@ -54,7 +54,8 @@ from kvjax.methods.sparse import SparseMethod
 
 SELECTIONS = ("query_head", "kv_head")
 NOWHERE = 2**30  # an index entry past any cache: scatters to it are dropped
-RECALL_CHUNK = 128  # rows per host -> device transfer (offload): bounds the padding copied
+RECALL_CHUNK = 1024  # rows per host -> device transfer (offload), over all (sequence, KV head) rows
+RECALL_ROW_CHUNK = 8  # at least this many rows per (sequence, KV head) and transfer
 
 
 @struct.dataclass
@@ -414,17 +415,17 @@ class ClusterKV(SparseMethod):
         missed = selected & ~resident
         first = selected & (offset == 0)  # one slot per selected cluster
 
-        # Resident tokens move inside the buffer (flat rows: a take, fast on CPU).
-        buffer = (jnp.arange(b)[:, None] * hr + jnp.arange(hr)[None, :])[..., None]  # [B, Hr, 1]
-        source = buffer * n + jnp.clip(at(r.held_at) + offset, 0, n - 1)
-        moved = lambda x: jnp.take(x.reshape(-1, x.shape[-1]), source.reshape(-1), axis=0)
+        # Resident tokens move inside the buffer: a take per recall head (batched over
+        # [B, Hr]: local to each device's shard on a mesh).
+        source = jnp.clip(at(r.held_at) + offset, 0, n - 1)
+        moved = lambda x: jax.vmap(jax.vmap(lambda buf, i: jnp.take(buf, i, axis=0)))(x, source)
         k, v = self._fetch(r, index, missed, moved(r.k), moved(r.v))
 
         rows, heads = jnp.arange(b)[:, None, None], jnp.arange(hr)[None, :, None]
         slots = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), index.shape)
         count = lambda x: x.sum(axis=(1, 2), dtype=jnp.int32)
         return r.replace(
-            k=k.reshape(r.k.shape), v=v.reshape(r.v.shape),
+            k=k, v=v,
             held=jnp.zeros_like(r.held).at[rows, heads, cluster].add(selected.astype(jnp.int32)),
             held_at=jnp.zeros_like(r.held_at).at[rows, heads, jnp.where(first, cluster, sizes.shape[-1])].set(
                 slots, mode="drop"),
@@ -435,37 +436,47 @@ class ClusterKV(SparseMethod):
         )
 
     def _fetch(self, r: HostRecall, index, missed, k, v):
-        """Copy the missed entries ([B, Hr, n] bool) from the host into the flat recall
-        buffers k, v [B * Hr * n, d].
+        """Copy the missed entries ([B, Hr, n] bool) from the host into the recall buffers
+        k, v [B, Hr, n, d].
 
-        The missed rows are compacted into one list and copied `RECALL_CHUNK` rows at a
-        time, as many times as needed (none when nothing missed): static shapes, and at most
-        `RECALL_CHUNK - 1` padding rows copied per layer and step.
+        Per (sequence, KV head), whose recall heads share its host rows, the missed entries
+        are compacted into one list, and every such list is copied `chunk` rows at a time, as
+        many times as the longest one needs (none when nothing missed): static shapes, and at
+        most `chunk - 1` padding rows per list beyond the longest list's misses. The copies
+        index each (sequence, KV head)'s own host rows (gathers batched over [B, Hkv]): on a
+        mesh every device copies from its shard of the host store, nothing is gathered
+        across devices.
         """
         b, hr, n = index.shape
-        hkv, s = r.host_k.shape[1], r.host_k.shape[2]
-        kv_head = jnp.arange(hr) // (hr // hkv)
-        host_row = ((jnp.arange(b)[:, None] * hkv + kv_head[None, :])[..., None] * s + index).reshape(-1)
-        total = b * hr * n
-        chunk = min(RECALL_CHUNK, total)
-        padded = chunk * -(-total // chunk)
-        flat = missed.reshape(-1)
+        hkv = r.host_k.shape[1]
+        m = hr // hkv * n  # entries per (sequence, KV head)
+        chunk = min(m, max(RECALL_ROW_CHUNK, RECALL_CHUNK // (b * hkv)))
+        padded = chunk * -(-m // chunk)
+        per_kv_head = lambda x: x.reshape(b, hkv, m, *x.shape[3:])  # recall heads are grouped by KV head
+        flat = per_kv_head(missed)
         rank = prefix_sum(flat.astype(jnp.int32)) - 1
-        place = jnp.where(flat, rank, padded)  # compacted position of each missed row
-        source = jnp.zeros((padded,), jnp.int32).at[place].set(host_row, mode="drop")
-        dest = jnp.full((padded,), total, jnp.int32).at[place].set(jnp.arange(total, dtype=jnp.int32), mode="drop")
-        misses = rank[-1] + 1
+        place = jnp.where(flat, rank, padded)  # compacted position of each missed entry in its list
+
+        def compact(values, fill):
+            put = lambda p, x: jnp.full((padded,), fill, jnp.int32).at[p].set(x, mode="drop")
+            return jax.vmap(jax.vmap(put))(place, values)
+
+        source = compact(per_kv_head(index), 0)  # host row of each list entry
+        dest = compact(jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), flat.shape), m)  # buffer entry (m: none)
+        misses = jnp.max(rank[..., -1]) + 1  # the longest list
+        write = jax.vmap(jax.vmap(lambda buf, to, x: buf.at[to].set(x, mode="drop")))
 
         def copy(carry):
             i, k, v = carry
-            rows = jax.lax.dynamic_slice_in_dim(source, i * chunk, chunk)
-            to = jax.lax.dynamic_slice_in_dim(dest, i * chunk, chunk)
-            k = k.at[to].set(from_host_bits(host_take(r.host_k, rows), k.dtype), mode="drop")
-            v = v.at[to].set(from_host_bits(host_take(r.host_v, rows), v.dtype), mode="drop")
+            rows = jax.lax.dynamic_slice_in_dim(source, i * chunk, chunk, axis=2)
+            to = jax.lax.dynamic_slice_in_dim(dest, i * chunk, chunk, axis=2)
+            k = write(k, to, from_host_bits(host_take_rows(r.host_k, rows), k.dtype))
+            v = write(v, to, from_host_bits(host_take_rows(r.host_v, rows), v.dtype))
             return i + 1, k, v
 
-        _, k, v = jax.lax.while_loop(lambda c: c[0] * chunk < misses, copy, (jnp.int32(0), k, v))
-        return k, v
+        _, k, v = jax.lax.while_loop(lambda c: c[0] * chunk < misses, copy,
+                                     (jnp.int32(0), per_kv_head(k), per_kv_head(v)))
+        return k.reshape(b, hr, n, -1), v.reshape(b, hr, n, -1)
 
     def decode_stats(self, cache) -> dict:
         """Recall statistics over the sparse layers (offload only), since the prefill.
@@ -496,10 +507,9 @@ class ClusterKV(SparseMethod):
 def _write_host(host: jax.Array, start: jax.Array, values: jax.Array) -> jax.Array:
     """`write_tokens` for a host buffer [B, H, S, d] (`host_bits`): start [B, H], values
     [B, H, n, d] in the cache dtype (slots past S are dropped)."""
-    b, h, s, d = host.shape
+    s = host.shape[2]
     slots = start[..., None] + jnp.arange(values.shape[2])
-    rows = (jnp.arange(b)[:, None, None] * h + jnp.arange(h)[None, :, None]) * s + slots
-    return host_put(host, jnp.where(slots < s, rows, b * h * s).reshape(-1), host_bits(values).reshape(-1, d))
+    return host_put_rows(host, jnp.where(slots < s, slots, s), host_bits(values))
 
 
 def _reset_counters(recall: HostRecall) -> HostRecall:

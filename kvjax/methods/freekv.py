@@ -73,7 +73,7 @@ from flax import struct
 import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import BATCH, HEADS, CacheSpec, axes
-from kvjax.compat import from_host_bits, host_bits, to_device, to_host
+from kvjax.compat import from_host_bits, host_bits, host_take_rows, to_host
 from kvjax.methods.base import (
     check_int,
     empty_kv,
@@ -112,9 +112,10 @@ class FreeKVLayerCache:
     recalled: jax.Array | None = None  # [B, Hkv] int32 pages copied host -> device so far
     # offload=True with speculative=True: the recall for the next step, issued by this one.
     prefetched: jax.Array | None = None  # [B, Hkv] int32: of `recalled`, pages copied ahead
-    # n = B * Hkv * staged_pages entries (one flat list: replicated):
-    staged: jax.Array | None = None  # [n, 2, page_size, d] blocks copied for the next step
-    staged_at: jax.Array | None = None  # [n, 3] int32 (row, head, first slot); slot `budget`: unused
+    # [B, Hkv, staged_pages, 2, page_size, d] blocks copied for the next step
+    staged: jax.Array | None = axes(BATCH, HEADS, None, None, None, None, default=None)
+    # [B, Hkv, staged_pages] int32 first slot of each staged block; `budget`: unused
+    staged_at: jax.Array | None = axes(BATCH, HEADS, None, default=None)
     # [B, Hkv, k] slot_page once `staged` is in place
     staged_slot_page: jax.Array | None = axes(BATCH, HEADS, None, default=None)
     staged_count: jax.Array | None = axes(BATCH, HEADS, default=None)  # [B, Hkv] int32 pages in `staged`
@@ -216,18 +217,16 @@ class FreeKV(SparseMethod):
         )
         if not self.speculative:
             return cache
-        n = b * hkv * self.staged_pages
         return cache.replace(
             prefetched=jnp.zeros((b, hkv), jnp.int32),
-            staged=jnp.zeros((n, 2, self.page_size, d), spec.dtype),
+            staged=jnp.zeros((b, hkv, self.staged_pages, 2, self.page_size, d), spec.dtype),
             **self._no_staging(cache.slot_page),
         )
 
     def _no_staging(self, slot_page: jax.Array) -> dict:
         """Staging fields that stage nothing (after a prefill, or with nothing to prefetch)."""
-        n = slot_page.shape[0] * slot_page.shape[1] * self.staged_pages
         return dict(
-            staged_at=jnp.zeros((n, 3), jnp.int32).at[:, 2].set(self.budget),
+            staged_at=jnp.full((*slot_page.shape[:2], self.staged_pages), self.budget, jnp.int32),
             staged_slot_page=slot_page,
             staged_count=jnp.zeros(slot_page.shape[:2], jnp.int32),
         )
@@ -429,34 +428,37 @@ class FreeKV(SparseMethod):
 
     def _gather(self, pool, pages, missing, target, dtype, n: int):
         """Copy exactly the missing (sequence, head, page) blocks host -> device, compacted
-        into `n` entries (at least the number missing).
+        per (sequence, KV head) into `n` entries (at least the number missing per head).
 
-        Returns (blocks [n, 2, P, d], at [n, 3] int32 (row, head, first slot; slot `budget`
-        for the unused tail))."""
-        _, hkv, top = pages.shape
-        p, d = self.page_size, pool.shape[-1]
-        flat = missing.reshape(-1)
-        order = jnp.zeros(n, jnp.int32).at[jnp.where(flat, prefix_sum(flat.astype(jnp.int32)) - 1, n)].set(
-            jnp.arange(flat.size, dtype=jnp.int32), mode="drop")
-        count = flat.sum()
-        flat_pages = pages.reshape(-1)
+        Returns (blocks [B, Hkv, n, 2, P, d], first slot [B, Hkv, n] int32: `budget` for the
+        unused tail). Each copy takes one page of every (sequence, KV head) at once, as many
+        times as the head with the most missing pages needs: a gather batched over
+        (sequence, KV head), so that on a mesh each device copies from its own shard of the
+        pool (an index into the whole pool made XLA gather the pool onto every device)."""
+        p = self.page_size
+        rank = prefix_sum(missing.astype(jnp.int32)) - 1
+        compact = jax.vmap(jax.vmap(lambda at, x: jnp.zeros(n, jnp.int32).at[at].set(x, mode="drop")))
+        order = compact(jnp.where(missing, rank, n), jnp.broadcast_to(jnp.arange(pages.shape[2]), pages.shape))
+        copied = jnp.arange(n) < missing.sum(axis=2, keepdims=True)  # [B, Hkv, n]
+        block_pages = jnp.take_along_axis(pages, order, axis=2)
 
         def copy(i, stage):
-            e = order[i]
-            start = (e // (hkv * top), flat_pages[e], (e // top) % hkv, 0, 0, 0)
-            block = jax.lax.dynamic_slice(pool, start, (1, 1, 1, 2, p, d))
-            return stage.at[i].set(to_device(block)[0, 0, 0])
+            page = jax.lax.dynamic_slice_in_dim(block_pages, i, 1, axis=2)  # [B, Hkv, 1]
+            return jax.lax.dynamic_update_slice_in_dim(stage, host_take_rows(pool, page, head_axis=2), i, axis=2)
 
-        blocks = from_host_bits(jax.lax.fori_loop(0, count, copy, jnp.zeros((n, 2, p, d), pool.dtype)), dtype)
-        slot = jnp.where(jnp.arange(n) < count, self.sink + target.reshape(-1)[order] * p, self.budget)
-        return blocks, jnp.stack([order // (hkv * top), (order // top) % hkv, slot], axis=1)
+        stage = jnp.zeros((*pages.shape[:2], n, 2, p, pool.shape[-1]), pool.dtype)
+        blocks = from_host_bits(jax.lax.fori_loop(0, jnp.max(rank[..., -1]) + 1, copy, stage), dtype)
+        slot = jnp.where(copied, self.sink + jnp.take_along_axis(target, order, axis=2) * p, self.budget)
+        return blocks, slot
 
     def _scatter(self, k, v, blocks, at):
-        """Write gathered blocks into their slots (token-major within each page slot)."""
-        slot = at[:, 2:3] + jnp.arange(self.page_size)  # out of range for unused entries: dropped
-        row, head = at[:, 0:1], at[:, 1:2]
-        return (k.at[row, head, slot].set(blocks[:, 0], mode="drop"),
-                v.at[row, head, slot].set(blocks[:, 1], mode="drop"))
+        """Write gathered blocks [B, Hkv, n, 2, P, d] into their slots (first slots `at`
+        [B, Hkv, n]; token-major within each page slot), per (sequence, KV head)."""
+        b, hkv, n = at.shape
+        slot = (at[..., None] + jnp.arange(self.page_size)).reshape(b, hkv, -1)  # unused entries: dropped
+        put = jax.vmap(jax.vmap(lambda buf, s, x: buf.at[s].set(x, mode="drop")))
+        tokens = lambda kv: blocks[:, :, :, kv].reshape(b, hkv, n * self.page_size, -1)
+        return put(k, slot, tokens(0)), put(v, slot, tokens(1))
 
     def _recall(self, cache, pages, selected, scores):
         """Make the selected pages resident, copying only the missing ones (synchronously).
@@ -464,7 +466,7 @@ class FreeKV(SparseMethod):
         Returns (k slots, v slots, slot_page, attended [B, Hkv, k] slot holds a selected
         page, copied [B, Hkv] pages copied)."""
         slot_page, missing, target = self._plan(cache.slot_page, pages, selected, scores)
-        blocks, at = self._gather(cache.pool, pages, missing, target, cache.k.dtype, pages.size)
+        blocks, at = self._gather(cache.pool, pages, missing, target, cache.k.dtype, pages.shape[2])
         new_k, new_v = self._scatter(cache.k, cache.v, blocks, at)
         attended = ((slot_page[:, :, None, :] == pages[..., None]) & selected[..., None]).any(axis=2)
         return new_k, new_v, slot_page, attended, missing.sum(axis=2).astype(jnp.int32)
@@ -486,7 +488,7 @@ class FreeKV(SparseMethod):
         At most `prefetch_pages` per head: the consuming step recalls any others itself."""
         limit = self.staged_pages
         slot_page, missing, target = self._plan(cache.slot_page, pages, selected, scores, limit)
-        blocks, at = self._gather(cache.pool, pages, missing, target, cache.k.dtype, cache.staged.shape[0])
+        blocks, at = self._gather(cache.pool, pages, missing, target, cache.k.dtype, cache.staged.shape[2])
         return cache.replace(staged=blocks, staged_at=at, staged_slot_page=slot_page,
                              staged_count=missing.sum(axis=2).astype(jnp.int32))
 

@@ -11,7 +11,9 @@ Meshes: `data=2,model=2` on 4 devices, where every dimension splits, with the of
 variants (`offload=True`, host-memory shards); `data=2,model=4` on 8 devices, where the query
 heads and the MLP split but the 2 KV heads and the 258-token vocabulary replicate. The
 offloading variants are compared with the single-device `offload=False` run: both give the
-same outputs (tests/kvjax/test_clusterkv_offload.py, test_sparse_exactness.py).
+same outputs (tests/kvjax/test_clusterkv_offload.py, test_sparse_exactness.py). For them the
+compiled decode loop is also searched for all-gathers / all-to-alls of the host arrays (host
+offload copies per device, from each device's own shard).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_cpu_us
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 
@@ -33,7 +37,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from kvjax import ClusterKV, FreeKV, Full, LiveVLM, StreamSession, generate, generate_many  # noqa: E402
-from kvjax.generation import COMPILE_COUNTS, convert, prefill  # noqa: E402
+from kvjax.generation import _EXECUTABLES, COMPILE_COUNTS, _decode_jit, convert, prefill  # noqa: E402
 from kvjax.sharding import make_mesh, shard_model  # noqa: E402
 from models.bundle import Model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
@@ -90,6 +94,32 @@ def layout(tree) -> dict[str, list]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+# A collective in compiled HLO: result dimensions, op.
+COLLECTIVE = re.compile(r"= \w+\[([\d,]*)\]\S* (all-gather|all-to-all)(?:-start)?\(")
+
+
+def host_collectives(method, mesh, host_shapes: list[tuple[int, ...]]) -> list[str]:
+    """All-gathers / all-to-alls in the compiled decode loop of `method` on `mesh` that move
+    a host array's rows between devices (host offload must copy per device): a result
+    holding at least one device's shard of a host array, with its trailing dimensions (or,
+    for a flattened [rows, d] view, its last one)."""
+    found = []
+    for key, exe in _EXECUTABLES.items():
+        static = dict(key[3])
+        if key[0] is not _decode_jit or static["method"] != method or static["mesh"] != mesh:
+            continue
+        for line in exe.as_text().splitlines():
+            match = COLLECTIVE.search(line)
+            if not match:
+                continue
+            dims = tuple(int(x) for x in match.group(1).split(",") if x)
+            for shape in host_shapes:
+                tail = dims[-2:] == shape[-2:] or (len(dims) == 2 and dims[-1] == shape[-1])
+                if dims and tail and math.prod(dims) >= math.prod(shape) // mesh.size:
+                    found.append(line.strip()[:200])
+    return found
+
+
 def run(model, prompts, methods, mesh) -> dict:
     """Generation with every method (one shared prefill), logits, stats and cache layouts."""
     before = COMPILE_COUNTS.copy()
@@ -102,9 +132,14 @@ def run(model, prompts, methods, mesh) -> dict:
         "logits": np.asarray(pre.first_logits).tolist(),
         "layout": {"full": layout(pre.cache)},
     }
+    result["host_collectives"] = {}
     for name, method in methods.items():
         if name != "full":
-            result["layout"][name] = layout(convert(pre, method).cache)
+            cache = convert(pre, method).cache
+            result["layout"][name] = layout(cache)
+            host = [x.shape for x in jax.tree_util.tree_leaves(cache) if x.sharding.memory_kind == "pinned_host"]
+            if host and mesh is not None:
+                result["host_collectives"][name] = host_collectives(method, mesh, host)
     result["compiles"] = dict(COMPILE_COUNTS - before)
     return result
 

@@ -22,6 +22,7 @@ import pytest
 
 from kvjax import Cache, CacheSpec, ClusterKV, init_cache, kv_bytes
 from kvjax.generation import COMPILE_COUNTS, generate_many, prefill
+from kvjax.methods import clusterkv as clusterkv_module
 from kvjax.methods.clusterkv import ClusterLayerCache
 from tests.kvjax.method_harness import HKV, HQ, D, run_method, spec
 from tests.kvjax.test_sparse_exactness import forced_logits
@@ -210,11 +211,15 @@ def _f32_arrays_of_size(hlo: str, size: int) -> list[str]:
     return [s for s in shapes if math.prod(map(int, s.split(","))) == size]
 
 
-def test_offload_bfloat16_host_recall_copies_rows_without_converting_the_store():
+@pytest.mark.parametrize("chunk", [None, 1], ids=["one-copy", "copies-of-8-rows-per-head"])
+def test_offload_bfloat16_host_recall_copies_rows_without_converting_the_store(chunk, monkeypatch):
     """bfloat16 clustered tokens are stored as their uint16 bits: the recall returns the exact
     rows, and a compiled decode step never converts the whole host store (XLA's CPU backend
     computes bfloat16 in float32 and hoisted that conversion of every host row out of the
-    per-chunk copy loop: a full-store conversion per layer and step)."""
+    per-chunk copy loop: a full-store conversion per layer and step). With small chunks the
+    ~22 misses per (sequence, KV head) take several copies."""
+    if chunk is not None:
+        monkeypatch.setattr(clusterkv_module, "RECALL_CHUNK", chunk)
     method = ClusterKV(budget=20, sink=2, tokens_per_cluster=4, window=6, window_clusters=2, dense_layers=0,
                        offload=True)
     n, lengths = 40, jnp.array([40, 35])
@@ -233,7 +238,7 @@ def test_offload_bfloat16_host_recall_copies_rows_without_converting_the_store()
     entries = n - method.sink
     index = jnp.asarray(rng.integers(0, entries, (b, hr, slots)), jnp.int32)
     missed = jnp.asarray(rng.random((b, hr, slots)) < 0.6)
-    zeros = jnp.zeros((b * hr * slots, D), jnp.bfloat16)
+    zeros = jnp.zeros((b, hr, slots, D), jnp.bfloat16)
     got_k, got_v = jax.jit(lambda r, i, m: method._fetch(r, i, m, zeros, zeros))(r, index, missed)
     assert got_k.dtype == jnp.bfloat16
     # Index entry i of (sequence, KV head) holds the token at position order[i].
@@ -243,7 +248,7 @@ def test_offload_bfloat16_host_recall_copies_rows_without_converting_the_store()
     for got, x in ((got_k, k), (got_v, v)):
         want = np.asarray(x.astype(jnp.bfloat16))[np.arange(b)[:, None, None], position, kv_head[None, :, None]]
         want = np.where(np.asarray(missed)[..., None], want, 0).reshape(-1, D)
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        np.testing.assert_array_equal(np.asarray(got, np.float32).reshape(-1, D), np.asarray(want, np.float32))
 
     # A decode step (recall and window clustering into the host store) converts no host array.
     attend = jax.jit(lambda c, q, k, v, pos: method.attend(0, c, q, k, v, pos))

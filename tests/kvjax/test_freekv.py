@@ -322,12 +322,15 @@ def test_offload_bfloat16_pool_recall_copies_blocks_without_converting_the_pool(
     pages = jnp.asarray(rng.choice(16, (2, HKV, 3)), jnp.int32)
     missing = jnp.asarray(rng.random((2, HKV, 3)) < 0.6)
     target = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (2, HKV, 3))
-    gather = jax.jit(lambda *a: method._gather(*a, jnp.bfloat16, pages.size))
+    gather = jax.jit(lambda *a: method._gather(*a, jnp.bfloat16, pages.shape[2]))
     blocks, at = gather(pool, pages, missing, target)
-    flat = np.argwhere(np.asarray(missing))  # (row, head, i) in row-major order, as compacted
-    assert blocks.dtype == jnp.bfloat16
-    for n, (b, h, i) in enumerate(flat):
-        np.testing.assert_array_equal(np.asarray(blocks[n]), pool_np[b, int(pages[b, h, i]), h])
-        assert at[n, :2].tolist() == [b, h]
+    assert blocks.dtype == jnp.bfloat16 and blocks.shape == (2, HKV, 3, 2, 4, D)
+    for b in range(2):
+        for h in range(HKV):
+            copied = np.flatnonzero(np.asarray(missing[b, h]))  # compacted per (sequence, head), in order
+            for n, i in enumerate(copied):
+                np.testing.assert_array_equal(np.asarray(blocks[b, h, n]), pool_np[b, int(pages[b, h, i]), h])
+                assert int(at[b, h, n]) == method.sink + int(target[b, h, i]) * method.page_size
+            assert (np.asarray(at[b, h, len(copied):]) == method.budget).all()  # unused entries
     hlo = gather.lower(pool, pages, missing, target).compile().as_text()
     assert f"f32[{','.join(map(str, pool_np.shape))}]" not in hlo

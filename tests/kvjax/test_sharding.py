@@ -81,6 +81,14 @@ def test_params_and_caches_are_laid_out_on_the_mesh(parity):
     assert wide["stream"]["layout"][".layers[0].long_k"] == [[], "device"]
 
 
+def test_host_offload_copies_per_device(parity):
+    """The compiled decode loops of the offloading methods on `data=2,model=2` move no host
+    array (ClusterKV's clustered tokens, FreeKV's page pool) between devices: each device
+    copies from its own shard (they once all-gathered the whole host store every step)."""
+    found = parity["data=2,model=2"]["generate"]["host_collectives"]
+    assert found == {"clusterkv": [], "freekv": []}
+
+
 def test_batch_not_splitting_over_data_is_an_error(parity):
     assert "a batch of 3 sequences does not split over the mesh's data axis (data=2)" in parity["errors"]["batch"]
 
