@@ -10,7 +10,7 @@ present, one JSON per machine, and one table (and plots) across such files.
 - `gpu`: `full` plus the Llama-3-8B shape in bfloat16 at 32k and 128k.
 
 `compare FILES...` reads files written by `all` (or by `method_speed.py` / `freekv.py`
-directly) and prints one markdown table: decode ms/token per method, context and file, the
+directly; other files are skipped with a notice) and prints one markdown table: decode ms/token per method, context and file, the
 speedup over Full in the same file, and device KV MiB; `--plot PNG` draws ms/token vs context,
 the speedup over Full and device KV bytes, one line per (file, method).
 """
@@ -77,15 +77,36 @@ def run_all(preset: str, output: Path | None = None) -> Path:
     return output
 
 
+SPEED_BENCHMARKS = ("method_speed", "freekv")  # what `all` runs, and `compare` reads
+
+
+def not_speed_result(path: Path) -> str | None:
+    """Why `path` is not a speed result (a suite, method_speed or freekv result file), or
+    None when it is one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "not a JSON file"
+    if not isinstance(data, dict):
+        return "not a benchmark result"
+    parts = data.get("results") if data.get("benchmark") == "suite" else [data]
+    for part in parts if isinstance(parts, list) else [{}]:
+        if not isinstance(part, dict) or part.get("benchmark") not in SPEED_BENCHMARKS:
+            name = part.get("benchmark") if isinstance(part, dict) else None
+            return f"not a speed result (benchmark={name!r})"
+    return None
+
+
 def speed_rows(path: Path) -> list[dict[str, Any]]:
     """(file, model, context, method, ms/token, speedup over Full, device KV bytes) rows of a
     suite, method_speed or freekv result file."""
+    reason = not_speed_result(path)
+    if reason:
+        raise ValueError(f"{path}: {reason}")
     data = json.loads(Path(path).read_text())
     parts = data["results"] if data.get("benchmark") == "suite" else [data]
     rows = []
     for part in parts:
-        if part.get("benchmark") not in ("method_speed", "freekv"):
-            raise ValueError(f"{path}: not a speed result (benchmark={part.get('benchmark')!r})")
         backend = part["environment"]["backend"]
         model = part["settings"]["model"]
         for r in part["rows"]:
@@ -164,7 +185,18 @@ def main(argv=None) -> int:
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"result files not found: {', '.join(missing)}")
-    rows = [r for f in args.files for r in speed_rows(f)]
+    # A shell glob such as bench/results/*cpu*.json also matches accuracy, host_pool, ... results.
+    speed = []
+    for f in args.files:
+        reason = not_speed_result(f)
+        if reason:
+            log(f"# skipped {f}: {reason}")
+        else:
+            speed.append(f)
+    if not speed:
+        raise ValueError(f"none of the {len(args.files)} files is a speed result (written by 'kvjax bench all', "
+                         f"bench/method_speed.py or bench/freekv.py)")
+    rows = [r for f in speed for r in speed_rows(f)]
     print(compare_table(rows))
     if args.plot:
         compare_plot(rows, args.plot)

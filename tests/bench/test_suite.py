@@ -41,3 +41,35 @@ def test_compare_rejects_other_files(tmp_path, capsys):
         suite.speed_rows(accuracy)
     assert kvjax_main(["bench", "compare", str(tmp_path / "missing.json")]) == 2
     assert "result files not found" in capsys.readouterr().err
+
+
+def test_compare_skips_files_that_are_not_speed_results(tmp_path, capsys):
+    """What `bench/results/*cpu*.json` matches: speed results and accuracy, vs_kvpress,
+    host_pool, ... results; the others are skipped with one line each."""
+    others = [RESULTS / name for name in ("accuracy-cpu-2026-11-22.json", "vs_kvpress-cpu-2026-11-23.json",
+                                          "host_pool-smollm2-cpu-2026-11-23.json")]
+    stream = tmp_path / "stream-cpu.json"
+    stream.write_text(json.dumps({"benchmark": "stream", "rows": []}))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    suite_file = RESULTS / "cpu-cpu-2026-11-23.json"  # a `kvjax bench all` suite
+    skipped = [*others, stream, broken]
+    assert kvjax_main(["bench", "compare", str(others[0]), str(CPU), *map(str, skipped[1:]), str(suite_file)]) == 0
+    out, err = capsys.readouterr()
+    rows = suite.speed_rows(CPU) + suite.speed_rows(suite_file)
+    assert 2 + len(rows) >= len(out.strip().splitlines()) > 2 + len(suite.speed_rows(CPU))
+    notices = [line for line in err.splitlines() if line.startswith("# skipped")]
+    assert len(notices) == len(skipped)
+    for path, line in zip(skipped, notices):
+        assert line.startswith(f"# skipped {path}: ")
+    assert "benchmark='accuracy'" in notices[0] and "benchmark='stream'" in notices[3]
+    assert "not a JSON file" in notices[4]
+    assert not any(str(path) in err for path in (CPU, suite_file))
+
+
+def test_compare_without_any_speed_result_is_an_error(capsys):
+    files = [RESULTS / "accuracy-cpu-2026-11-22.json", RESULTS / "host_pool-smollm2-cpu-2026-11-23.json"]
+    assert kvjax_main(["bench", "compare", *map(str, files)]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 files is a speed result" in err
+    assert err.count("# skipped") == 2
