@@ -243,6 +243,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         play(session, args.video, sys.stdin, speed=args.speed, on_answer=lambda a: _print_answer(a, args.json),
              **video, **ask)
+        print(f"end of video and questions: {session.frames} frames streamed", file=sys.stderr, flush=True)
         return 0
     print(f"encoding {args.video} with {method.name} ...", file=sys.stderr, flush=True)
     session.add_video(args.video, **video)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache import kv_bytes
+from kvjax.cache import Cache, kv_bytes
 from kvjax.generation import _check_generation_args, _decode_jit, prompt_bucket
 from kvjax.methods.livevlm import LiveVLM
 from kvjax.methods.stream_memory import StreamLayout, StreamMethod
@@ -46,6 +46,14 @@ from models.bundle import Model
 DEFAULT_TEXT_FRAME_TOKENS = 64
 DEFAULT_FPS = 0.5  # frames sampled per second of video (ALGORITHMS.md section 5)
 _PLACEHOLDER = "\x00STREAM-QUESTION\x00"
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstToken:
+    token: int  # the greedy first token
+    logits: jax.Array  # [1, V] its logits
+    cache: Cache  # the attended tokens and the question, for the decode loop (`AnswerDecode`)
+    stats: dict[str, Any]  # ttft_s, flush_s, question_tokens, attended_memory_tokens, compile_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +234,44 @@ class StreamSession:
 
     # --- questions -----------------------------------------------------------------------------
 
+    def first_token(self, question: str, answer_prefix: str | None = None, max_new_tokens: int = 32) -> FirstToken:
+        """The start of an answer, timed: retrieval, the question prefill and the first
+        (greedy) token (`ttft_s`). A pending partial clip is encoded before the clock starts
+        (`flush_s`). `max_new_tokens` sizes the answer cache; `ask` continues from here."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"question must be a non-empty string, got {question!r}")
+        if answer_prefix is not None and not isinstance(answer_prefix, str):
+            raise TypeError(f"answer_prefix must be a string or None, got {type(answer_prefix).__name__}")
+        _check_generation_args(max_new_tokens, 0.0, 1.0)
+        config = self.model.config
+        t0 = time.perf_counter()
+        self.flush()
+        flush_s = time.perf_counter() - t0
+        text = self.question_template.format(question=question) + (answer_prefix or "")
+        ids = list(self.model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        t = prompt_bucket(len(ids))
+        bound = self.method.answer_bound(self.layout, t + max_new_tokens)
+        if bound is not None and bound > config.max_position_embeddings:
+            raise ValueError(
+                f"question ({len(ids)} tokens) + max_new_tokens={max_new_tokens} would reach position {bound}, "
+                f"beyond the model's trained context of {config.max_position_embeddings}"
+            )
+        x, valid = self._embed_padded(ids, t)
+        compile_before = self.compile_s
+
+        def start(run: Executor):
+            logits, cache = question_pass(run, self.model.params, self.state, x, valid, config=config,
+                                          method=self.method, layout=self.layout, extra=max_new_tokens)
+            return logits, cache, jnp.argmax(logits[0])
+
+        (logits, cache, token), ttft_s = self._executor.timed(start)
+        memory = int(cache.lengths[0]) - len(ids)  # slots before the question; each layer's start lies below
+        attended = round(float(np.mean([memory - int(layer.start[0]) for layer in cache.layers])))
+        stats = {"ttft_s": ttft_s, "flush_s": flush_s, "question_tokens": len(ids),
+                 "attended_memory_tokens": attended,  # mean over layers (each retrieves its own), rounded
+                 "compile_s": self.compile_s - compile_before}
+        return FirstToken(token=int(token), logits=logits, cache=cache, stats=stats)
+
     def ask(
         self,
         question: str,
@@ -238,61 +284,27 @@ class StreamSession:
         """Answer `question` from the stream so far; the stream continues unchanged after it.
 
         `answer_prefix` is fed after the rendered question, before generation. `ttft_s` covers
-        retrieval, the question prefill and the first token (a pending partial clip is
-        encoded before the clock starts; its time is `flush_s`).
+        retrieval, the question prefill and the first token (`first_token`).
         """
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"question must be a non-empty string, got {question!r}")
-        if answer_prefix is not None and not isinstance(answer_prefix, str):
-            raise TypeError(f"answer_prefix must be a string or None, got {type(answer_prefix).__name__}")
         _check_generation_args(max_new_tokens, temperature, top_p)
-        model, config = self.model, self.model.config
-        t0 = time.perf_counter()
-        self.flush()
-        flush_s = time.perf_counter() - t0
-        text = self.question_template.format(question=question) + (answer_prefix or "")
-        ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-        t = prompt_bucket(len(ids))
-        bound = self.method.answer_bound(self.layout, t + max_new_tokens)
-        if bound is not None and bound > config.max_position_embeddings:
-            raise ValueError(
-                f"question ({len(ids)} tokens) + max_new_tokens={max_new_tokens} would reach position {bound}, "
-                f"beyond the model's trained context of {config.max_position_embeddings}"
-            )
-        x, valid = self._embed_padded(ids, t)
-        compile_before = self.compile_s
-
-        def first_token(run: Executor):
-            logits, cache = question_pass(run, model.params, self.state, x, valid, config=config, method=self.method,
-                                     layout=self.layout, extra=max_new_tokens)
-            return logits, cache, jnp.argmax(logits[0])  # the first token (greedy)
-
-        (first_logits, cache, _), ttft_s = self._executor.timed(first_token)
-        memory = int(cache.lengths[0]) - len(ids)  # slots before the question; each layer's start lies below
-        attended = round(float(np.mean([memory - int(layer.start[0]) for layer in cache.layers])))
+        start = self.first_token(question, answer_prefix, max_new_tokens)
+        model = self.model
         decode_args = (
-            model.params, cache, first_logits, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32),
+            model.params, start.cache, start.logits, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32),
             jnp.int32(max_new_tokens), jnp.asarray(model.eos_token_ids or (-1,), jnp.int32), jax.random.key(seed),
             jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
         )
-        decode_exe = self._executor.compile(_decode_jit, decode_args, config=config, method=AnswerDecode(),
+        compile_before = self.compile_s
+        decode_exe = self._executor.compile(_decode_jit, decode_args, config=model.config, method=AnswerDecode(),
                                             greedy=temperature == 0.0, out_size=max_new_tokens)
         t0 = time.perf_counter()
         out, count, _, _ = decode_exe(*decode_args)
         tokens = np.asarray(out)[0, : int(count[0])].tolist()
         decode_s = time.perf_counter() - t0
-        stats = {
-            "ttft_s": ttft_s,
-            "flush_s": flush_s,
-            "decode_s": decode_s,
-            "question_tokens": len(ids),
-            "attended_memory_tokens": attended,  # mean over layers (each retrieves its own), rounded
-            "generated_tokens": len(tokens),
-            "compile_s": self.compile_s - compile_before,
-            **self.memory_stats(),
-        }
+        stats = {**start.stats, "decode_s": decode_s, "generated_tokens": len(tokens),
+                 "compile_s": start.stats["compile_s"] + self.compile_s - compile_before, **self.memory_stats()}
         return StreamAnswer(text=model.tokenizer.decode(tokens, skip_special_tokens=True), tokens=tokens,
-                            logits=np.asarray(first_logits[0]), stats=stats)
+                            logits=np.asarray(start.logits[0]), stats=stats)
 
     def memory_stats(self) -> dict[str, Any]:
         """Sizes of the stream memory now: frames, tokens per segment, bytes by memory kind."""

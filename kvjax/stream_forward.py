@@ -126,14 +126,19 @@ def _attend(
     q_rot = apply_rope(q[None], new_pos[None], inv_freq)[0]
     causal = (jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]) & valid[None, :]
     mask = jnp.concatenate([jnp.broadcast_to(mem_valid, (t, mem_valid.shape[0])), causal], axis=1)
-    qg = q_rot.reshape(t, hkv, hq // hkv, d).astype(jnp.float32)
-    s = jnp.einsum("thgd,hsd->hgts", qg, keys.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
-    p = jax.nn.softmax(jnp.where(mask, s, MASKED), axis=-1)
-    out = jnp.einsum("hgts,hsd->thgd", p, values.astype(jnp.float32)).reshape(t, hq, d).astype(q.dtype)
+    # One batched product per KV head, its group's query heads stacked as rows (g, t): XLA's CPU
+    # dot is 1.3-2x faster in this layout than with the group as a separate batch axis.
+    g = hq // hkv
+    rows = q_rot.reshape(t, hkv, g, d).transpose(1, 2, 0, 3).reshape(hkv, g * t, d).astype(jnp.float32)
+    s = jnp.einsum("hqd,hsd->hqs", rows, keys.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
+    p = jax.nn.softmax(jnp.where(jnp.tile(mask, (g, 1))[None], s, MASKED), axis=-1)
+    out = jnp.einsum("hqs,hsd->hqd", p, values.astype(jnp.float32))
+    out = out.reshape(hkv, g, t, d).transpose(2, 0, 1, 3).reshape(t, hq, d).astype(q.dtype)
     scores = None
     if score_rows is not None:
         w = score_rows.astype(jnp.float32) / jnp.maximum(score_rows.sum(), 1)
-        scores = jnp.einsum("hgts,t->s", p, w) / hq
+        # An elementwise product and a sum: XLA's CPU dot for this matrix-vector product was 20x slower.
+        scores = (p * jnp.tile(w, g)[None, :, None]).sum(axis=(0, 1)) / hq
     return out, Attended(keys, values, jnp.concatenate([mem_valid, valid]), jnp.concatenate([mem_pos, new_pos]), scores)
 
 
