@@ -8,6 +8,7 @@ test: a SmolLM2 caption stream with one early fact.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -18,14 +19,20 @@ import pytest
 from kvjax import FullVideo, LiveVLM, ReKV, StreamingLLM, StreamSession, generate
 from kvjax.generation import COMPILE_COUNTS
 from kvjax.methods import Full
-from kvjax.methods.livevlm import par_select, vsb_keep
+from kvjax.methods.livevlm import par_pages, vsb_keep
 from kvjax.stream import default_templates
+from kvjax.stream_forward import Executor, question
+from kvjax.video import read_video
+from models import llava_onevision as llava
+from models.vision_bundle import VisionLanguageModel
+from models.vision_preprocess import preprocess_frames
 
 FRAME_TOKENS = 24
 SMALL = dict(short_frames=2, clip_frames=2)  # fits the tiny model's 512 positions
 # Tests share these configurations (and question shapes): each compiles once per session.
 LIVE = LiveVLM(memory_tokens=32, **SMALL)
 FULL = FullVideo(**SMALL)
+VIDEO_FPS = 2.0  # the 10 fps test video sampled to 8 frames
 QUESTION, NEW = "Who crossed the square?", 4
 WHO = ["a jogger", "a cyclist", "a delivery van", "two children", "a bus", "an old man with a dog", "a taxi"]
 WHAT = ["passed the bridge", "stopped at the corner", "crossed the square", "waited by the fountain",
@@ -109,9 +116,9 @@ def test_par_selects_top_pages(n, ratio):
     rng = np.random.default_rng(n)
     keys = rng.standard_normal((2, 160, 8)).astype(np.float32)
     query = rng.standard_normal((2, 8)).astype(np.float32)
-    par = jax.jit(par_select, static_argnums=(3, 4))
-    keep = np.asarray(par(jnp.asarray(keys), jnp.int32(n), jnp.asarray(query), 16, ratio))
-    np.testing.assert_array_equal(keep, par_reference(keys, n, query, 16, ratio))
+    par = jax.jit(par_pages, static_argnums=(3, 4))
+    pages = np.asarray(par(jnp.asarray(keys), jnp.int32(n), jnp.asarray(query), 16, ratio))
+    np.testing.assert_array_equal(np.repeat(pages, 16) & (np.arange(160) < n), par_reference(keys, n, query, 16, ratio))
 
 
 # --- sessions on the tiny model -------------------------------------------------------------
@@ -173,6 +180,34 @@ def test_question_kv_is_discarded_and_shapes_compile_once(tiny_lm):
     assert COMPILE_COUNTS == counts
 
 
+@dataclasses.dataclass(frozen=True)
+class KeySignRetrieval(FullVideo):
+    """Retrieves the long-term tokens whose first key coordinate is positive: a different number
+    in each layer, whatever the question."""
+
+    name = "key_sign"
+
+    def retrieve(self, layout, layer, state, q, q_valid):
+        keep = (jnp.arange(layer.long_k.shape[1]) < state.long_len) & (layer.long_k[0, :, 0] > 0)
+        source = jnp.argsort(~keep, stable=True)
+        return layer.long_k[:, source], layer.long_v[:, source], jnp.arange(keep.shape[0]) < keep.sum()
+
+
+def test_answer_decode_when_layers_retrieve_different_counts(tiny_lm):
+    """Each generated token equals the greedy choice of a question pass fed the question and
+    the tokens before it (teacher forcing), although layers attend different memory sizes."""
+    s = session(tiny_lm, KeySignRetrieval(**SMALL), captions(8, seed=6)[0])
+    answer = s.ask(QUESTION, max_new_tokens=NEW)
+    ids = tiny_lm.tokenizer(s.question_template.format(question=QUESTION), add_special_tokens=False)["input_ids"]
+    attended = [(s.state.layers[i].long_k[0, : int(s.state.long_len), 0] > 0).sum() for i in range(2)]
+    assert attended[0] != attended[1] and len(answer.tokens) == NEW
+    for i in range(1, NEW):
+        x, valid = s._embed_padded(ids + answer.tokens[:i], 16 * math.ceil((len(ids) + NEW) / 16))
+        logits, _ = question(Executor(), tiny_lm.params, s.state, x, valid, config=tiny_lm.config,
+                             method=s.method, layout=s.layout, extra=NEW)
+        assert int(np.argmax(logits[0])) == answer.tokens[i], i
+
+
 def test_bad_inputs_name_the_parameter(tiny_lm):
     with pytest.raises(TypeError, match="method must be a streaming method"):
         StreamSession(tiny_lm, Full())
@@ -218,6 +253,40 @@ def test_frame_embeddings_enter_like_text(tiny_lm):
         embedded.add_frames(table[ids][None])
     a, b = (s.ask(QUESTION, max_new_tokens=NEW) for s in (text, embedded))
     np.testing.assert_array_equal(a.logits, b.logits)
+
+
+# --- video through the tiny LLaVA-OneVision -------------------------------------------------
+
+
+def test_add_video_feeds_clips_as_they_decode(tiny_vlm, tiny_video):
+    """A file and a live iterator (sampled from 10 fps) give the stream of the same frames
+    added as an array; the iterator's clips are encoded while it still produces frames. Frames
+    pass through the vision tower (batches padded to a power of two change nothing)."""
+    path, _ = tiny_video
+    frames, _ = read_video(path, fps=VIDEO_FPS, max_frames=6)
+    assert isinstance(tiny_vlm, VisionLanguageModel) and len(frames) == 6
+    from_file, from_live, from_array = (StreamSession(tiny_vlm, LIVE) for _ in range(3))
+    assert from_file.add_video(path, fps=VIDEO_FPS, max_frames=6) == 6
+    encoded_while_live = []
+
+    def camera():
+        for frame in read_video(path)[0]:  # every decoded frame, at the source's 10 fps
+            encoded_while_live.append(from_live.stream_tokens)
+            yield frame
+
+    assert from_live.add_video(camera(), fps=VIDEO_FPS, source_fps=10, max_frames=6) == 6
+    assert encoded_while_live[-1] > 0 and len(encoded_while_live) > 20
+    from_array.add_frames(frames[:4])  # vision batches of 4 (padded from 3 below) and 2: compiled once
+    from_array.add_frames(frames[4:])
+    file, live, array = (s.ask(QUESTION, max_new_tokens=NEW) for s in (from_file, from_live, from_array))
+    np.testing.assert_array_equal(file.logits, live.logits)
+    np.testing.assert_allclose(file.logits, array.logits, atol=1e-4, rtol=0)  # other vision batches
+    assert file.tokens == live.tokens == array.tokens and file.stats["frames"] == 6
+    c = tiny_vlm.llava_config
+    pooled = jax.jit(llava.video_features, static_argnames="config")(
+        tiny_vlm.llava_params, jnp.asarray(preprocess_frames(frames[:3], tiny_vlm.preprocess)), config=c)
+    np.testing.assert_allclose(np.asarray(tiny_vlm.encode_frames(frames[:3])),
+                               np.asarray(pooled).reshape(3, c.tokens_per_frame, -1), atol=1e-5, rtol=0)
 
 
 # --- the real model -------------------------------------------------------------------------
