@@ -19,7 +19,7 @@ MEMORY_KEYS = ("frames", "stream_tokens", "init_tokens", "long_term_tokens", "sh
                "device_kv_bytes", "host_kv_bytes")
 
 
-@pytest.mark.parametrize("path", sorted(RESULTS.glob("stream*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("stream-*.json")), ids=lambda p: p.name)
 def test_committed_results_match_their_summary(path, tmp_path):
     data = json.loads(path.read_text())
     assert data["benchmark"] == "stream" and data["environment"]["backend"]

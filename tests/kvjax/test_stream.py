@@ -20,6 +20,7 @@ from kvjax import FullVideo, LiveVLM, ReKV, StreamingLLM, StreamSession, generat
 from kvjax.generation import COMPILE_COUNTS
 from kvjax.methods import Full
 from kvjax.methods.livevlm import par_pages, vsb_keep
+from kvjax.eval.stream_tasks import ANSWER_PREFIX, QUESTION as FACT_QUESTION, caption_stream
 from kvjax.stream import default_templates
 from kvjax.stream_forward import Executor, question
 from kvjax.video import read_video
@@ -34,20 +35,11 @@ LIVE = LiveVLM(memory_tokens=32, **SMALL)
 FULL = FullVideo(**SMALL)
 VIDEO_FPS = 2.0  # the 10 fps test video sampled to 8 frames
 QUESTION, NEW = "Who crossed the square?", 4
-WHO = ["a jogger", "a cyclist", "a delivery van", "two children", "a bus", "an old man with a dog", "a taxi"]
-WHAT = ["passed the bridge", "stopped at the corner", "crossed the square", "waited by the fountain",
-        "turned left at the bakery", "parked near the school"]
 
 
-def captions(n: int, seed: int, fact_at: int | None = None) -> tuple[list[str], int]:
-    """`n` caption frames ("Minute 17: a jogger passed the bridge.") and, at frame `fact_at`,
-    one fact: a four-digit number written on a wall. Returns (lines, number)."""
-    rng = np.random.default_rng(seed)
-    lines = [f"Minute {i + 1}: {rng.choice(WHO)} {rng.choice(WHAT)}.\n" for i in range(n)]
-    number = int(rng.integers(1000, 9999))
-    if fact_at is not None:
-        lines[fact_at] = f"Minute {fact_at + 1}: the door code {number} was written on the wall.\n"
-    return lines, number
+def captions(n: int, seed: int) -> list[str]:
+    """`n` caption frames without a fact ("Minute 17: a jogger passed the bridge.")."""
+    return caption_stream(n, seed).lines
 
 
 def session(model, method, lines: list[str]) -> StreamSession:
@@ -126,7 +118,7 @@ def test_par_selects_top_pages(n, ratio):
 
 def test_livevlm_covering_everything_equals_full_video(tiny_lm):
     """M above the stream and retrieve_ratio=1: the same tokens at the same positions."""
-    lines, _ = captions(16, seed=1)
+    lines = captions(16, seed=1)
     full = session(tiny_lm, FULL, lines).ask(QUESTION, max_new_tokens=NEW)
     live = session(tiny_lm, LiveVLM(memory_tokens=320, retrieve_ratio=1.0, **SMALL), lines).ask(
         QUESTION, max_new_tokens=NEW)
@@ -139,7 +131,7 @@ def test_device_memory_bounded_while_full_video_grows(tiny_lm):
     """Frames holding 10x more tokens than M: LiveVLM's device bytes stay fixed (init + M +
     short-term), FullVideo's grow with the stream, ReKV's K/V go to host memory."""
     m = LIVE.memory_tokens
-    lines, _ = captions(24, seed=2)
+    lines = captions(24, seed=2)
     methods = [LIVE, FULL, ReKV(retrieve_frames=4, **SMALL)]
     sessions = [StreamSession(tiny_lm, method, frame_tokens=FRAME_TOKENS) for method in methods]
     sizes = {method.name: [] for method in methods}
@@ -164,7 +156,7 @@ def test_device_memory_bounded_while_full_video_grows(tiny_lm):
 
 
 def test_question_kv_is_discarded_and_shapes_compile_once(tiny_lm):
-    lines, _ = captions(12, seed=3)
+    lines = captions(12, seed=3)
     s = session(tiny_lm, LIVE, lines)
     before = s.memory_stats()
     first = s.ask(QUESTION, max_new_tokens=NEW)
@@ -174,7 +166,7 @@ def test_question_kv_is_discarded_and_shapes_compile_once(tiny_lm):
     assert second.tokens == first.tokens
     np.testing.assert_array_equal(second.logits, first.logits)
     assert second.stats["ttft_s"] > 0 and second.stats["compile_s"] == 0
-    for line in captions(4, seed=4)[0]:  # more clips of the same bucket: nothing compiles
+    for line in captions(4, seed=4):  # more clips of the same bucket: nothing compiles
         s.add_text(line)
     s.ask(QUESTION, max_new_tokens=NEW)
     assert COMPILE_COUNTS == counts
@@ -196,7 +188,7 @@ class KeySignRetrieval(FullVideo):
 def test_answer_decode_when_layers_retrieve_different_counts(tiny_lm):
     """Each generated token equals the greedy choice of a question pass fed the question and
     the tokens before it (teacher forcing), although layers attend different memory sizes."""
-    s = session(tiny_lm, KeySignRetrieval(**SMALL), captions(8, seed=6)[0])
+    s = session(tiny_lm, KeySignRetrieval(**SMALL), captions(8, seed=6))
     answer = s.ask(QUESTION, max_new_tokens=NEW)
     ids = tiny_lm.tokenizer(s.question_template.format(question=QUESTION), add_special_tokens=False)["input_ids"]
     attended = [(s.state.layers[i].long_k[0, : int(s.state.long_len), 0] > 0).sum() for i in range(2)]
@@ -244,7 +236,7 @@ def test_bad_inputs_name_the_parameter(tiny_lm):
 
 def test_frame_embeddings_enter_like_text(tiny_lm):
     """Precomputed per-frame embeddings (the VLM hook's output) give the same stream as text."""
-    lines, _ = captions(5, seed=5)
+    lines = captions(5, seed=5)
     text = session(tiny_lm, LIVE, lines)
     embedded = StreamSession(tiny_lm, LIVE, frame_tokens=FRAME_TOKENS)
     table = np.asarray(tiny_lm.params.embed)
@@ -302,15 +294,15 @@ def test_smollm2_livevlm_retrieves_an_early_fact_that_recent_memory_lost(smollm2
     words (measured: " door", " code", " written" gone at layer 0 at 1.5x-2x compression of a
     2.3k-token stream) and the model answers a minute number instead.
     """
-    lines, number = captions(100, seed=0, fact_at=10)
-    s = session(smollm2, LiveVLM(memory_tokens=2048), lines)
-    question, prefix = "What number was written on the wall?", "The number written on the wall was"
-    live = s.ask(question, max_new_tokens=6, answer_prefix=prefix)
+    stream = caption_stream(100, seed=0, fact_at=0.1)
+    s = session(smollm2, LiveVLM(memory_tokens=2048), stream.lines)
+    live = s.ask(FACT_QUESTION, max_new_tokens=6, answer_prefix=ANSWER_PREFIX)
     stats = live.stats
     assert stats["attended_memory_tokens"] < 0.6 * stats["stream_tokens"]
     init, template = default_templates(smollm2.tokenizer)
-    recent = generate(smollm2, init + "".join(lines), question=template.format(question=question) + prefix,
+    recent = generate(smollm2, init + "".join(stream.lines),
+                      question=template.format(question=FACT_QUESTION) + ANSWER_PREFIX,
                       method=StreamingLLM(budget=stats["attended_memory_tokens"] + stats["question_tokens"]),
                       max_new_tokens=6)
-    assert str(number) in live.text, live.text
-    assert str(number) not in recent.text, recent.text
+    assert stream.correct(live.text), live.text
+    assert not stream.correct(recent.text), recent.text
