@@ -1,18 +1,23 @@
 """`kvjax bench all` and `kvjax bench compare`: every speed benchmark on whatever backend is
 present, one JSON per machine, and one table (and plots) across such files.
 
-`all` runs `bench/method_speed.py` (decode ms/token of every method against Full) and
-`bench/freekv.py` (FreeKV with and without host offload) with a preset, and writes
-`bench/results/<backend>-<device>-<date>.json` holding both results and the environment:
+`all` runs `bench/method_speed.py` (decode ms/token of every method against Full),
+`bench/freekv.py` (FreeKV with and without host offload) and `bench/stream.py` (streaming video
+memory and time to first token: LiveVLM, FullVideo, ReKV) with a preset, and writes
+`bench/results/<backend>-<device>-<date>.json` holding the results and the environment:
 
-- `reduced`: contexts 2k/4k (FreeKV: 4k), 8 decode steps; 4 minutes on a 2-core VM;
-- `full`: the issues' settings, 4k/16k/32k (FreeKV: 8k/16k/32k), 16 steps;
+- `reduced`: contexts 2k/4k (FreeKV: 4k), 8 decode steps, `stream.py --reduced`; 6 minutes on a
+  2-core VM;
+- `full`: the issues' settings, 4k/16k/32k (FreeKV: 8k/16k/32k), 16 steps, streams of 64 to
+  1024 frames (LiveVLM: 4096 and more);
 - `gpu`: `full` plus the Llama-3-8B shape in bfloat16 at 32k and 128k.
 
 `compare FILES...` reads files written by `all` (or by `method_speed.py` / `freekv.py`
-directly; other files are skipped with a notice) and prints one markdown table: decode ms/token per method, context and file, the
-speedup over Full in the same file, and device KV MiB; `--plot PNG` draws ms/token vs context,
-the speedup over Full and device KV bytes, one line per (file, method).
+directly; a suite's stream results have no decode speed and are left out, files that are
+not speed results are skipped with a notice) and prints one markdown table: decode ms/token
+per method, context and file, the speedup over Full in the same file, and device KV MiB;
+`--plot PNG` draws ms/token vs context, the speedup over Full and device KV bytes, one line
+per (file, method).
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ PRESETS: dict[str, list[tuple[str, list[str]]]] = {
         ("method_speed", ["--contexts", "2048", "4096", "--steps", "8", "--prefill-lengths",
                           "--methods", "full", "streaming_llm", "quest", "clusterkv_xla", "freekv"]),
         ("freekv", ["--contexts", "4096", "--steps", "8"]),
+        ("stream", ["--reduced"]),
     ],
     "full": [
         ("method_speed", ["--contexts", "4096", "16384", "32768", "--prefill-lengths", "4096", "16384"]),
         ("freekv", ["--contexts", "8192", "16384", "32768"]),
+        ("stream", []),
     ],
 }
 PRESETS["gpu"] = PRESETS["full"] + [
@@ -58,10 +65,10 @@ def result_path(env: dict[str, Any]) -> Path:
 
 def run_all(preset: str, output: Path | None = None) -> Path:
     """Run the preset's benchmarks one after the other and merge their JSON into one file."""
-    from bench import freekv, method_speed
+    from bench import freekv, method_speed, stream
     from kvjax.environment import environment
 
-    mains = {"method_speed": method_speed.main, "freekv": freekv.main}
+    mains = {"method_speed": method_speed.main, "freekv": freekv.main, "stream": stream.main}
     env = environment()
     output = output or result_path(env)
     merged: dict[str, Any] = {"benchmark": "suite", "preset": preset, "environment": env, "results": []}
@@ -90,7 +97,9 @@ def not_speed_result(path: Path) -> str | None:
     if not isinstance(data, dict):
         return "not a benchmark result"
     parts = data.get("results") if data.get("benchmark") == "suite" else [data]
-    for part in parts if isinstance(parts, list) else [{}]:
+    if isinstance(parts, list) and data.get("benchmark") == "suite":  # a suite's stream part has no decode speed
+        parts = [p for p in parts if not (isinstance(p, dict) and p.get("benchmark") == "stream")]
+    for part in parts if isinstance(parts, list) and parts else [{}]:
         if not isinstance(part, dict) or part.get("benchmark") not in SPEED_BENCHMARKS:
             name = part.get("benchmark") if isinstance(part, dict) else None
             return f"not a speed result (benchmark={name!r})"
@@ -107,6 +116,8 @@ def speed_rows(path: Path) -> list[dict[str, Any]]:
     parts = data["results"] if data.get("benchmark") == "suite" else [data]
     rows = []
     for part in parts:
+        if data.get("benchmark") == "suite" and part.get("benchmark") == "stream":
+            continue  # no decode speed: `all` prints its own table
         backend = part["environment"]["backend"]
         model = part["settings"]["model"]
         for r in part["rows"]:
@@ -180,7 +191,13 @@ def main(argv=None) -> int:
     c.add_argument("--plot", type=Path, default=None, help="write the plots to this PNG")
     args = p.parse_args(argv)
     if args.action == "all":
-        print(compare_table(speed_rows(run_all(args.preset, args.output))))
+        from bench.stream import markdown_table as stream_table
+
+        output = run_all(args.preset, args.output)
+        print(compare_table(speed_rows(output)))
+        for part in json.loads(output.read_text())["results"]:
+            if part["benchmark"] == "stream":
+                print("\n" + stream_table(part["rows"]))
         return 0
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:

@@ -1,4 +1,4 @@
-"""The `kvjax` command line: generate, eval, info, demo."""
+"""The `kvjax` command line: generate, eval, info, demo, stream, bench."""
 
 from __future__ import annotations
 
@@ -181,6 +181,97 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+STREAM_METHODS = {"livevlm": "LiveVLM", "fullvideo": "FullVideo", "rekv": "ReKV"}
+STREAM_HYPERPARAMETERS = {
+    # CLI flag -> streaming method field; a flag the chosen method does not declare is an error.
+    "short_frames": int,
+    "clip_frames": int,
+    "memory_tokens": int,
+    "sink_fraction": float,
+    "page_size": int,
+    "retrieve_ratio": float,
+    "retrieve_frames": int,
+}
+
+
+def _stream_method(args: argparse.Namespace):
+    import dataclasses
+
+    import kvjax
+
+    cls = getattr(kvjax, STREAM_METHODS[args.method])
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {k: getattr(args, k) for k in STREAM_HYPERPARAMETERS if getattr(args, k) is not None}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise SystemExit(f"--method {args.method} does not take {flags}")
+    return cls(**given)
+
+
+def _load_vision_model(directory: str):
+    from models.vision_bundle import is_llava_onevision, load_vision_model
+
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise SystemExit(f"--model: no such directory: {path}")
+    if not is_llava_onevision(path):
+        raise SystemExit(f"--model: {path} is not a LLaVA-OneVision directory (its config.json must say "
+                         "model_type: llava_onevision)")
+    print(f"loading {path} ...", file=sys.stderr, flush=True)
+    model = load_vision_model(path)
+    if model.tokenizer is None:
+        raise SystemExit(f"--model: {path} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+    return model
+
+
+def _print_answer(live, as_json: bool) -> None:
+    """One answer: the text, then time to first token and memory (stderr), or one JSON line."""
+    s = live.answer.stats
+    if as_json:
+        print(json.dumps({"question": live.question, "answer": live.answer.text, "tokens": live.answer.tokens,
+                          "frames": live.frames, "video_time_s": live.video_time_s, "stats": s}, default=str),
+              flush=True)
+        return
+    when = "" if live.video_time_s is None else f", {live.video_time_s:.1f} s of video"
+    print(f"[{live.frames} frames{when}] Q: {live.question}\nA: {live.answer.text}", flush=True)
+    print(f"   (time to first token {s['ttft_s'] * 1e3:.0f} ms, answer {s['decode_s']:.2f} s; "
+          f"attended {s['attended_memory_tokens']:.0f} of {s['stream_tokens']} stream tokens; KV on device "
+          f"{s['device_kv_bytes'] / 2**20:.1f} MiB, on host {s['host_kv_bytes'] / 2**20:.1f} MiB)",
+          file=sys.stderr, flush=True)
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    """Stream a video into a LLaVA-OneVision `StreamSession`; answer questions with time to
+    first token, after the video (`--ask`) or from stdin while it plays (`--interactive`)."""
+    from kvjax.live import LiveAnswer, play
+    from kvjax.stream import StreamSession
+
+    if not Path(args.video).is_file():
+        raise SystemExit(f"--video: no such file: {args.video}")
+    if not args.ask and not args.interactive:
+        raise SystemExit("give --ask QUESTION (one or more) or --interactive (questions from stdin)")
+    method = _stream_method(args)
+    session = StreamSession(_load_vision_model(args.model), method)
+    ask = dict(max_new_tokens=args.max_new_tokens, answer_prefix=args.answer_prefix)
+    video = dict(fps=args.fps, max_frames=args.max_frames)
+    if args.interactive:
+        print(f"playing {args.video} at {args.speed}x with {method.name}; type questions (end with Ctrl-D)",
+              file=sys.stderr, flush=True)
+        play(session, args.video, sys.stdin, speed=args.speed, on_answer=lambda a: _print_answer(a, args.json),
+             **video, **ask)
+        print(f"end of video and questions: {session.frames} frames streamed", file=sys.stderr, flush=True)
+        return 0
+    print(f"encoding {args.video} with {method.name} ...", file=sys.stderr, flush=True)
+    session.add_video(args.video, **video)
+    times = session.memory_stats()
+    print(f"{session.frames} frames encoded in {times['encode_s']:.1f} s (compile {session.compile_s:.1f} s)",
+          file=sys.stderr, flush=True)
+    for question in args.ask:
+        _print_answer(LiveAnswer(question, session.ask(question, **ask), session.frames, None), args.json)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """`kvjax bench all|compare ...`: the benchmark scripts of a source checkout (bench/)."""
     repo = Path(__file__).resolve().parent.parent
@@ -237,6 +328,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2")
     d.add_argument("--tokens", type=int, default=6000, help="prompt length in tokens")
     d.set_defaults(func=cmd_demo)
+
+    st = sub.add_parser("stream", help="questions about a video streamed into a LLaVA-OneVision model")
+    st.add_argument("--video", required=True, help="video file (anything PyAV decodes)")
+    st.add_argument("--model", required=True, help="local HF LLaVA-OneVision directory")
+    questions = st.add_mutually_exclusive_group()
+    questions.add_argument("--ask", action="append", metavar="QUESTION",
+                           help="a question asked after the video (repeatable)")
+    questions.add_argument("--interactive", action="store_true",
+                           help="play the video at its pace and answer questions typed on stdin meanwhile")
+    st.add_argument("--method", choices=sorted(STREAM_METHODS), default="livevlm")
+    st.add_argument("--fps", type=float, default=0.5, help="frames sampled per second of video")
+    st.add_argument("--max-frames", type=int, default=None)
+    st.add_argument("--speed", type=float, default=1.0, help="--interactive playback speed (0: no pacing)")
+    st.add_argument("--max-new-tokens", type=int, default=32)
+    st.add_argument("--answer-prefix", default=None, help="fed after each question, before the answer")
+    st.add_argument("--json", action="store_true", help="one JSON object per answer")
+    for name, typ in STREAM_HYPERPARAMETERS.items():
+        st.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None,
+                        help=f"method hyperparameter {name} (method default when omitted)")
+    st.set_defaults(func=cmd_stream)
 
     b = sub.add_parser("bench", help="speed benchmarks: 'all [--preset P]' or 'compare FILES [--plot PNG]'",
                        add_help=False)

@@ -156,14 +156,20 @@ def cache_shardings(cache: Any, mesh: Mesh) -> Any:
             return type(node)(visit(x, None) for x in node)
         if node is None:
             return None
-        names = (None,) * node.ndim if names is None else names
-        if len(names) != node.ndim:
-            raise ValueError(f"cache array of shape {node.shape} is declared with axes {names}")
-        spec = PartitionSpec(*(_split(mesh, CACHE_AXES.get(n), size) for n, size in zip(names, node.shape)))
-        concrete = isinstance(node, jax.Array) and not isinstance(node, jax.core.Tracer)
-        return NamedSharding(mesh, spec, memory_kind=node.sharding.memory_kind if concrete else None)
+        return array_sharding(node, names, mesh)
 
     return visit(cache, None)
+
+
+def array_sharding(x: Any, names: tuple[str | None, ...] | None, mesh: Mesh) -> NamedSharding:
+    """The `NamedSharding` of one cache array whose dimensions are `names` (as in
+    `kvjax.cache.axes`; None: replicated)."""
+    names = (None,) * x.ndim if names is None else names
+    if len(names) != x.ndim:
+        raise ValueError(f"cache array of shape {x.shape} is declared with axes {names}")
+    spec = PartitionSpec(*(_split(mesh, CACHE_AXES.get(n), size) for n, size in zip(names, x.shape)))
+    concrete = isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    return NamedSharding(mesh, spec, memory_kind=x.sharding.memory_kind if concrete else None)
 
 
 def place(cache: Any, mesh: Mesh | None) -> Any:
@@ -176,6 +182,12 @@ def constrain(cache: Any, mesh: Mesh | None) -> Any:
     the layout it received (its donated buffers are reused, and the next step's compiled
     executable accepts it). Unchanged when `mesh` is None."""
     return cache if mesh is None else jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
+
+
+def constrain_array(x: jax.Array, names: tuple[str | None, ...], mesh: Mesh | None) -> jax.Array:
+    """Inside jit: pin one array with dimensions `names` (`BATCH`, `HEADS`, None) to its
+    layout on `mesh`. Unchanged when `mesh` is None."""
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, array_sharding(x, names, mesh))
 
 
 def constrain_replicated(tree: Any, mesh: Mesh | None) -> Any:

@@ -4,6 +4,7 @@
 session = kvjax.StreamSession(model, method=LiveVLM())
 session.add_text("Minute 1: a cyclist crossed the square.\\n")   # one text "frame"
 session.add_frames(frames)      # pixels through the model's `encode_frames`, or embeddings
+session.add_video("clip.mp4", fps=0.5)   # a file, a frame array or a live iterator of frames
 answer = session.ask("What happened first?", max_new_tokens=32, answer_prefix="First,")
 answer.text, answer.tokens, answer.stats["ttft_s"]
 ```
@@ -12,8 +13,9 @@ Prompt layout: `init` (system prompt and user prefix), the frames, then each que
 with `question_template`. Both default to the tokenizer's chat template split around the user
 message (`\\n{question}<|im_end|>\\n<|im_start|>assistant\\n` for ChatML models). Frames are
 buffered and encoded `clip_frames` at a time; `ask` first encodes a pending partial clip.
-Every call of a jitted pass is compiled once per shape (clip and question lengths are
-bucketed); clip encoding donates the stream state.
+Passes run layer by layer, one function compiled per shape for all layers
+(`kvjax.stream_forward`; clip and question lengths are bucketed); clip encoding donates the
+stream state.
 
 Frames of a vision-language model enter through a hook: `frame_encoder(frames)` (default
 `model.encode_frames` when the model has it) maps uint8 frames `[T, H, W, 3]` to per-frame
@@ -23,8 +25,10 @@ token embeddings `[T, n, hidden]`; `add_frames` also takes such embeddings direc
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,16 +36,26 @@ import numpy as np
 from jax.sharding import Mesh
 
 from kvjax import sharding
-from kvjax.cache import kv_bytes
-from kvjax.generation import _check_generation_args, _decode_jit, compiled, prompt_bucket
-from kvjax.methods import Full
+from kvjax.cache import Cache, kv_bytes
+from kvjax.generation import _check_generation_args, _decode_jit, prompt_bucket
 from kvjax.methods.livevlm import LiveVLM
 from kvjax.methods.stream_memory import StreamLayout, StreamMethod
-from kvjax.stream_forward import encode_clip_jit, encode_init_jit, question_jit
+from kvjax.stream_forward import AnswerDecode, Executor, encode_clip, encode_init
+from kvjax.stream_forward import question as question_pass
+from kvjax.video import clips
 from models.bundle import Model
 
 DEFAULT_TEXT_FRAME_TOKENS = 64
+DEFAULT_FPS = 0.5  # frames sampled per second of video (ALGORITHMS.md section 5)
 _PLACEHOLDER = "\x00STREAM-QUESTION\x00"
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstToken:
+    token: int  # the greedy first token
+    logits: jax.Array  # [1, V] its logits
+    cache: Cache  # the attended tokens and the question, for the decode loop (`AnswerDecode`)
+    stats: dict[str, Any]  # ttft_s, flush_s, question_tokens, attended_memory_tokens, compile_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +130,7 @@ class StreamSession:
                 f"short_frames * frame_tokens + clip_frames * frame_tokens), beyond the model's trained "
                 f"context of {c.max_position_embeddings}: reduce short_frames, clip_frames or frame_tokens"
             )
-        self.compile_s = 0.0
+        self._executor = Executor(mesh=mesh)
         self.encode_s = 0.0
         self.frames = 0  # frames encoded or pending
         self.stream_tokens = 0
@@ -125,7 +139,12 @@ class StreamSession:
         self._embed = np.asarray(model.params.embed)
         state = sharding.place(method.init_state(self.layout), mesh)
         x, valid = self._embed_padded(init_ids, self.layout.init_tokens)
-        self.state = self._run(encode_init_jit, (model.params, state, x, valid), config=c)
+        self.state = self._run(encode_init, model.params, state, x, valid, config=c)
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling the session's passes so far."""
+        return self._executor.compile_s
 
     # --- input ---------------------------------------------------------------------------------
 
@@ -160,6 +179,23 @@ class StreamSession:
             )
         self._add([np.asarray(e, self._embed.dtype) for e in embeddings], "frames")
 
+    def add_video(
+        self,
+        source: str | os.PathLike | np.ndarray | Iterable[np.ndarray],
+        fps: float | None = DEFAULT_FPS,
+        *,
+        source_fps: float | None = None,
+        max_frames: int | None = None,
+    ) -> int:
+        """Add the frames of a video file, a uint8 array `[T, H, W, 3]` or an iterable of
+        `[H, W, 3]` frames (a live source), sampled at `fps` (None: every frame) and fed clip by
+        clip as they are decoded (`kvjax.video.clips`). Returns the number of frames added."""
+        added = 0
+        for clip in clips(source, self.method.clip_frames, fps, source_fps=source_fps, max_frames=max_frames):
+            self.add_frames(clip)
+            added += len(clip)
+        return added
+
     def _add(self, frames: list[np.ndarray], name: str) -> None:
         for f in frames:
             if f.shape[0] > self.layout.frame_tokens:
@@ -189,25 +225,61 @@ class StreamSession:
         frame = np.full(t, -1, np.int32)
         frame[:n] = np.repeat(np.arange(first, first + len(clip)), [int(f.shape[0]) for f in clip])
         state = sharding.place(self.method.grow(self.state, self.layout), self.mesh)
-        self.state = self._run(encode_clip_jit, (self.model.params, state, jnp.asarray(x), jnp.asarray(frame)),
+        self.state = self._run(encode_clip, self.model.params, state, *(sharding.replicate(a, self.mesh) for a in (x, frame)),
                                config=self.model.config, method=self.method, layout=self.layout)
 
     def _embed_padded(self, ids: list[int], size: int) -> tuple[jax.Array, jax.Array]:
         """Embeddings of `ids` right-padded to `size` rows, and the valid mask."""
         x = np.zeros((size, self._embed.shape[1]), self._embed.dtype)
         x[: len(ids)] = self._embed[ids]
-        return jnp.asarray(x), jnp.asarray(np.arange(size) < len(ids))
+        return sharding.replicate(x, self.mesh), sharding.replicate(np.arange(size) < len(ids), self.mesh)
 
-    def _run(self, jitted, args: tuple, **static):
-        """Run a stream pass (compiled once per shape); its execution time adds to `encode_s`."""
-        exe, compile_s = compiled(jitted, args, mesh=self.mesh, **static)
-        self.compile_s += compile_s
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(exe(*args))
-        self.encode_s += time.perf_counter() - t0
+    def _run(self, stream_pass, *args, **kwargs):
+        """Run an encoding pass of `kvjax.stream_forward`; its time (without compilation) adds
+        to `encode_s`."""
+        out, seconds = self._executor.timed(stream_pass, *args, **kwargs)
+        self.encode_s += seconds
         return out
 
     # --- questions -----------------------------------------------------------------------------
+
+    def first_token(self, question: str, answer_prefix: str | None = None, max_new_tokens: int = 32) -> FirstToken:
+        """The start of an answer, timed: retrieval, the question prefill and the first
+        (greedy) token (`ttft_s`). A pending partial clip is encoded before the clock starts
+        (`flush_s`). `max_new_tokens` sizes the answer cache; `ask` continues from here."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"question must be a non-empty string, got {question!r}")
+        if answer_prefix is not None and not isinstance(answer_prefix, str):
+            raise TypeError(f"answer_prefix must be a string or None, got {type(answer_prefix).__name__}")
+        _check_generation_args(max_new_tokens, 0.0, 1.0)
+        config = self.model.config
+        t0 = time.perf_counter()
+        self.flush()
+        flush_s = time.perf_counter() - t0
+        text = self.question_template.format(question=question) + (answer_prefix or "")
+        ids = list(self.model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        t = prompt_bucket(len(ids))
+        bound = self.method.answer_bound(self.layout, t + max_new_tokens)
+        if bound is not None and bound > config.max_position_embeddings:
+            raise ValueError(
+                f"question ({len(ids)} tokens) + max_new_tokens={max_new_tokens} would reach position {bound}, "
+                f"beyond the model's trained context of {config.max_position_embeddings}"
+            )
+        x, valid = self._embed_padded(ids, t)
+        compile_before = self.compile_s
+
+        def start(run: Executor):
+            logits, cache = question_pass(run, self.model.params, self.state, x, valid, config=config,
+                                          method=self.method, layout=self.layout, extra=max_new_tokens)
+            return logits, cache, jnp.argmax(logits[0])
+
+        (logits, cache, token), ttft_s = self._executor.timed(start)
+        memory = int(cache.lengths[0]) - len(ids)  # slots before the question; each layer's start lies below
+        attended = round(float(np.mean([memory - int(layer.start[0]) for layer in cache.layers])))
+        stats = {"ttft_s": ttft_s, "flush_s": flush_s, "question_tokens": len(ids),
+                 "attended_memory_tokens": attended,  # mean over layers (each retrieves its own), rounded
+                 "compile_s": self.compile_s - compile_before}
+        return FirstToken(token=int(token), logits=logits, cache=cache, stats=stats)
 
     def ask(
         self,
@@ -221,61 +293,27 @@ class StreamSession:
         """Answer `question` from the stream so far; the stream continues unchanged after it.
 
         `answer_prefix` is fed after the rendered question, before generation. `ttft_s` covers
-        retrieval, the question prefill and the first token (a pending partial clip is
-        encoded before the clock starts; its time is `flush_s`).
+        retrieval, the question prefill and the first token (`first_token`).
         """
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"question must be a non-empty string, got {question!r}")
-        if answer_prefix is not None and not isinstance(answer_prefix, str):
-            raise TypeError(f"answer_prefix must be a string or None, got {type(answer_prefix).__name__}")
         _check_generation_args(max_new_tokens, temperature, top_p)
-        model, config = self.model, self.model.config
-        t0 = time.perf_counter()
-        self.flush()
-        flush_s = time.perf_counter() - t0
-        text = self.question_template.format(question=question) + (answer_prefix or "")
-        ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-        t = prompt_bucket(len(ids))
-        bound = self.method.answer_bound(self.layout, t + max_new_tokens)
-        if bound is not None and bound > config.max_position_embeddings:
-            raise ValueError(
-                f"question ({len(ids)} tokens) + max_new_tokens={max_new_tokens} would reach position {bound}, "
-                f"beyond the model's trained context of {config.max_position_embeddings}"
-            )
-        x, valid = self._embed_padded(ids, t)
-        compile_before = self.compile_s
-        args = (model.params, self.state, x, valid)
-        exe, compile_s = compiled(question_jit, args, config=config, method=self.method, layout=self.layout,
-                                  extra=max_new_tokens, mesh=self.mesh)
-        t0 = time.perf_counter()
-        first_logits, cache = exe(*args)
-        jnp.argmax(first_logits[0]).block_until_ready()  # the first token (greedy)
-        ttft_s = time.perf_counter() - t0
-        attended = int(cache.lengths[0]) - len(ids)
+        start = self.first_token(question, answer_prefix, max_new_tokens)
+        model = self.model
         decode_args = (
-            model.params, cache, first_logits, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32),
+            model.params, start.cache, start.logits, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32),
             jnp.int32(max_new_tokens), jnp.asarray(model.eos_token_ids or (-1,), jnp.int32), jax.random.key(seed),
             jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
         )
-        decode_exe, decode_compile_s = compiled(_decode_jit, decode_args, config=config, method=Full(),
-                                                greedy=temperature == 0.0, out_size=max_new_tokens, mesh=self.mesh)
-        self.compile_s += compile_s + decode_compile_s
+        compile_before = self.compile_s
+        decode_exe = self._executor.compile(_decode_jit, decode_args, config=model.config, method=AnswerDecode(),
+                                            greedy=temperature == 0.0, out_size=max_new_tokens)
         t0 = time.perf_counter()
         out, count, _, _ = decode_exe(*decode_args)
         tokens = np.asarray(out)[0, : int(count[0])].tolist()
         decode_s = time.perf_counter() - t0
-        stats = {
-            "ttft_s": ttft_s,
-            "flush_s": flush_s,
-            "decode_s": decode_s,
-            "question_tokens": len(ids),
-            "attended_memory_tokens": attended,
-            "generated_tokens": len(tokens),
-            "compile_s": self.compile_s - compile_before,
-            **self.memory_stats(),
-        }
+        stats = {**start.stats, "decode_s": decode_s, "generated_tokens": len(tokens),
+                 "compile_s": start.stats["compile_s"] + self.compile_s - compile_before, **self.memory_stats()}
         return StreamAnswer(text=model.tokenizer.decode(tokens, skip_special_tokens=True), tokens=tokens,
-                            logits=np.asarray(first_logits[0]), stats=stats)
+                            logits=np.asarray(start.logits[0]), stats=stats)
 
     def memory_stats(self) -> dict[str, Any]:
         """Sizes of the stream memory now: frames, tokens per segment, bytes by memory kind."""

@@ -184,3 +184,29 @@ def read_video(
     if len(shapes) > 1:
         raise ValueError(f"source frames differ in size {sorted(shapes)}; use iter_frames for such a source")
     return np.stack([f.image for f in frames]), np.asarray([f.time for f in frames], np.float64)
+
+
+def clips(
+    source: str | os.PathLike | np.ndarray | Iterable[np.ndarray],
+    clip_frames: int,
+    fps: float | None = None,
+    *,
+    source_fps: float | None = None,
+    max_frames: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Sampled frames grouped into uint8 arrays `[T, H, W, 3]`, lazily: `clip_frames`
+    consecutive frames each, fewer where the frame size changes and at the end. A live source's
+    clip comes out as soon as its last frame arrives. Other arguments as in `iter_frames`."""
+    if not isinstance(clip_frames, int) or isinstance(clip_frames, bool) or clip_frames < 1:
+        raise ValueError(f"clip_frames must be an int >= 1, got {clip_frames!r}")
+    clip: list[np.ndarray] = []
+    for frame in iter_frames(source, fps, source_fps=source_fps, max_frames=max_frames):
+        if clip and frame.image.shape != clip[0].shape:
+            yield np.stack(clip)
+            clip = []
+        clip.append(frame.image)
+        if len(clip) == clip_frames:
+            yield np.stack(clip)
+            clip = []
+    if clip:
+        yield np.stack(clip)

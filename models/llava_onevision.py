@@ -35,6 +35,7 @@ from models import siglip
 from models.config import ModelConfig, read_json_config
 from models.llama import forward_embeddings
 from models.params import Params
+from models.params import init_random as init_random_text
 from models.safetensors_loader import build_params as build_text_params
 from models.safetensors_loader import tensor_reader
 from models.vision_preprocess import DEFAULT_PINPOINTS, select_best_resolution
@@ -350,3 +351,18 @@ def forward(
     """
     x = embed(params, tokens, config=config, image_features=image_features, video_features=video_features)
     return forward_embeddings(params.text, x, positions, cache, method, config=config.text, last_only=last_only)
+
+
+def init_random(config: LlavaOnevisionConfig, key: jax.Array, dtype=jnp.float32,
+                scale: float = 0.02) -> LlavaOnevisionParams:
+    """Random parameters of the right shapes (benchmarks and tests without a checkpoint)."""
+    k_vision, k_text, k1, k2, k_newline = jax.random.split(key, 5)
+    d = config.text.hidden_size
+    d_in = config.vision.hidden_size * len(config.vision_feature_layers)
+    normal = lambda k, shape: (scale * jax.random.normal(k, shape)).astype(dtype)
+    bias = (lambda: jnp.zeros((d,), dtype)) if config.projector_bias else (lambda: None)
+    return LlavaOnevisionParams(
+        vision=siglip.init_random(config.vision, k_vision, dtype, scale),
+        proj1_w=normal(k1, (d_in, d)), proj2_w=normal(k2, (d, d)), image_newline=normal(k_newline, (d,)),
+        text=init_random_text(config.text, k_text, dtype, scale), proj1_b=bias(), proj2_b=bias(),
+    )

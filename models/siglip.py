@@ -240,3 +240,27 @@ def forward(params: SiglipParams, pixel_values: jax.Array, *, config: SiglipConf
     """`SiglipVisionModel`'s `last_hidden_state`: the last layer's output after the post-layernorm."""
     last = hidden_states(params, pixel_values, config=config)[-1]
     return layer_norm(last, params.post_ln_w, params.post_ln_b, config.layer_norm_eps)
+
+
+def init_random(config: SiglipConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> SiglipParams:
+    """Random parameters of the right shapes (benchmarks and tests without a checkpoint):
+    normal weights times `scale`, zero biases, unit LayerNorm weights."""
+    c = config
+    d = c.hidden_size
+    keys = iter(jax.random.split(key, 2 + 16 * c.num_layers))
+    normal = lambda shape: (scale * jax.random.normal(next(keys), shape)).astype(dtype)
+
+    def field(name: str, shape: tuple[int, ...]) -> jax.Array:
+        if name.startswith("ln"):
+            return jnp.ones(shape, dtype) if name.endswith("_w") else jnp.zeros(shape, dtype)
+        return normal(shape) if len(shape) == 2 else jnp.zeros(shape, dtype)
+
+    shapes = layer_shapes(c)
+    return SiglipParams(
+        patch_w=normal((c.num_channels * c.patch_size**2, d)),
+        patch_b=jnp.zeros((d,), dtype),
+        pos=normal((c.grid * c.grid, d)),
+        layers=tuple(SiglipLayerParams(**{f: field(f, s) for f, s in shapes.items()}) for _ in range(c.num_layers)),
+        post_ln_w=jnp.ones((d,), dtype),
+        post_ln_b=jnp.zeros((d,), dtype),
+    )

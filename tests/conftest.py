@@ -55,3 +55,32 @@ def tiny_lm():
     )
     params = init_random(config, jax.random.key(0), scale=0.3)
     return Model(config=config, params=params, tokenizer=load_gguf_tokenizer(path), name="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tiny_lm, tmp_path_factory):
+    """A tiny random LLaVA-OneVision directory as `kvjax stream --model` takes it: weights
+    (`save_pretrained`), `tiny_lm`'s SmolLM2 tokenizer and a video processor config."""
+    from tests.hf_tiny_llava import save_streaming_llava
+
+    directory = tmp_path_factory.mktemp("llava-stream")
+    save_streaming_llava(directory, tiny_lm.tokenizer)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_video(tmp_path_factory):
+    """(path, frame count) of `tests.synthetic_video`'s 4 s clip at 10 fps, 48x64 px."""
+    pytest.importorskip("av", reason="PyAV (`av`) is needed to encode test videos")
+    from tests.synthetic_video import write_video
+
+    path = tmp_path_factory.mktemp("video") / "shapes.mp4"
+    return path, write_video(path, fps=10, height=48, width=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tiny_llava_dir):
+    """`tiny_llava_dir` loaded through `models.load` (a `VisionLanguageModel`)."""
+    import models
+
+    return models.load(tiny_llava_dir)

@@ -8,6 +8,7 @@ vocabulary.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,17 @@ IMAGE_TOKEN, VIDEO_TOKEN = 209, 210
 
 
 def save_tiny_llava(
-    directory: Path, seed: int = 0, vision_config: dict[str, Any] | None = None, **overrides: Any
+    directory: Path, seed: int = 0, vision_config: dict[str, Any] | None = None,
+    text_config: dict[str, Any] | None = None, **overrides: Any,
 ) -> LlavaOnevisionForConditionalGeneration:
     """Create a random tiny LLaVA-OneVision, save it (float32) to `directory`, return it in eval mode.
 
-    `vision_config` entries replace those of `VISION`; `overrides` go to `LlavaOnevisionConfig`
-    (e.g. `vision_feature_layer`, `vision_aspect_ratio`). Norm weights and all biases are
-    randomised so that every parameter affects the output.
+    `vision_config` / `text_config` entries replace those of `VISION` / `TEXT`; `overrides` go
+    to `LlavaOnevisionConfig` (e.g. `vision_feature_layer`, `vision_aspect_ratio`). Norm weights
+    and all biases are randomised so that every parameter affects the output.
     """
     torch.manual_seed(seed)
-    config = LlavaOnevisionConfig(vision_config=VISION | (vision_config or {}), text_config=dict(TEXT),
+    config = LlavaOnevisionConfig(vision_config=VISION | (vision_config or {}), text_config=TEXT | (text_config or {}),
                                   image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
                                   image_grid_pinpoints=PINPOINTS, **overrides)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
@@ -46,3 +48,15 @@ def save_tiny_llava(
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
     model.save_pretrained(directory)
     return model
+
+
+def save_streaming_llava(directory: Path, tokenizer: Any) -> None:
+    """A tiny LLaVA-OneVision directory that `kvjax stream` can load: the model with `tokenizer`'s
+    vocabulary (49152 for SmolLM2's) and larger text weights (initializer_range 0.3: peaked
+    next-token distributions, so greedy tokens do not flip on float rounding), the tokenizer,
+    and a video processor config (30 px, mean = std = 0.5 as in llava-hf's releases)."""
+    save_tiny_llava(directory, text_config={"vocab_size": len(tokenizer), "initializer_range": 0.3})
+    tokenizer.save_pretrained(str(directory))
+    processor = {"size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 3, "image_mean": [0.5] * 3,
+                 "image_std": [0.5] * 3, "rescale_factor": 1 / 255}
+    (directory / "video_preprocessor_config.json").write_text(json.dumps(processor))

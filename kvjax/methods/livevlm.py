@@ -29,7 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kvjax.methods.base import check_int, prefix_sum
+from kvjax.methods.base import check_int
 from kvjax.methods.stream_memory import (
     Moved, Segment, StreamLayer, StreamLayout, StreamMethod, StreamState, append_slots, mean_query,
 )
@@ -56,19 +56,19 @@ def vsb_keep(scores: jax.Array, n: jax.Array, m: int, sink: int, bucket_size: in
     occupied = jnp.zeros(buckets + 1, jnp.int32).at[bucket].add(phase1.astype(jnp.int32))
     room = jnp.maximum(bucket_size - occupied, 0)
 
-    # Rank of each candidate among its bucket's candidates by descending score.
+    # Rank of each candidate among its bucket's candidates by descending score: its position
+    # in the (bucket, score) order minus the first such position of its bucket.
     candidate = valid & ~phase1
     key = jnp.where(candidate, bucket * c + rank, (buckets + 1) * c)
-    by_bucket = jnp.argsort(key)
-    sorted_pos = jnp.zeros(c, jnp.int32).at[by_bucket].set(idx.astype(jnp.int32))
-    per_bucket = jnp.zeros(buckets + 1, jnp.int32).at[bucket].add(candidate.astype(jnp.int32))
-    first = prefix_sum(per_bucket) - per_bucket
+    sorted_pos = jnp.zeros(c, jnp.int32).at[jnp.argsort(key)].set(idx.astype(jnp.int32))
+    first = jnp.full(buckets + 1, c, jnp.int32).at[bucket].min(jnp.where(candidate, sorted_pos, c))
     eligible = candidate & (sorted_pos - first[bucket] < room[bucket])
 
     # The walk stops once m tokens are kept: the first m - sink eligible ones by score.
-    eligible_sorted = eligible[order]
-    kept_sorted = eligible_sorted & (prefix_sum(eligible_sorted.astype(jnp.int32)) <= m - sink)
-    phase2 = jnp.zeros(c, bool).at[order].set(kept_sorted)
+    phase2 = jnp.zeros(c, bool)
+    if m > sink:
+        last = jnp.sort(jnp.where(eligible, rank, c))[m - sink - 1]  # c when fewer are eligible
+        phase2 = eligible & (rank <= last)
     return jnp.where(n > m, phase1 | phase2, valid)
 
 
@@ -77,18 +77,17 @@ def retrieved_pages(n_pages: jax.Array, ratio: float) -> jax.Array:
     return jnp.ceil(ratio * n_pages.astype(jnp.float32) - 1e-6).astype(jnp.int32)
 
 
-def par_select(keys: jax.Array, n: jax.Array, query: jax.Array, page_size: int, ratio: float) -> jax.Array:
-    """Position-agnostic Retrieval: which of the first `n` long-term tokens a question attends.
+def par_pages(keys: jax.Array, n: jax.Array, query: jax.Array, page_size: int, ratio: float) -> jax.Array:
+    """Position-agnostic Retrieval: which pages of the first `n` long-term tokens a question attends.
 
     keys: [Hkv, C, d] pre-RoPE (C a multiple of page_size); query: [Hkv, d] mean pre-RoPE
     question query per KV head. A page's score is the mean over KV heads of
     `query . mean_key / sqrt(d)`; the top `ceil(ratio * pages)` pages are kept (ties: the
-    earlier page). Returns keep [C] bool.
+    earlier page). Returns keep [C / page_size] bool.
     """
     hkv, c, d = keys.shape
     pages = c // page_size
-    page_first = jnp.arange(pages) * page_size
-    counts = jnp.clip(n - page_first, 0, page_size)
+    counts = jnp.clip(n - jnp.arange(pages) * page_size, 0, page_size)
     tokens_valid = (jnp.arange(c) < n).astype(jnp.float32)
     sums = (keys.astype(jnp.float32) * tokens_valid[None, :, None]).reshape(hkv, pages, page_size, d).sum(axis=2)
     page_keys = sums / jnp.maximum(counts, 1)[None, :, None]
@@ -96,8 +95,7 @@ def par_select(keys: jax.Array, n: jax.Array, query: jax.Array, page_size: int, 
     page_valid = counts > 0
     order = jnp.argsort(jnp.where(page_valid, -scores, jnp.inf), stable=True)
     rank = jnp.zeros(pages, jnp.int32).at[order].set(jnp.arange(pages, dtype=jnp.int32))
-    keep_pages = page_valid & (rank < retrieved_pages(page_valid.sum(), ratio))
-    return jnp.repeat(keep_pages, page_size) & (tokens_valid > 0)
+    return page_valid & (rank < retrieved_pages(page_valid.sum(), ratio))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,27 +173,24 @@ class LiveVLM(StreamMethod):
         keep = vsb_keep(scores, state.long_len + moved.valid.sum(), m, int(self.sink_fraction * m), self.bucket_size)
         return appended.replace(long_k=compact(appended.long_k, keep), long_v=compact(appended.long_v, keep))
 
-    def update_index(self, layout: StreamLayout, state: StreamState, moved: Moved) -> StreamState:
-        return state.replace(long_len=jnp.minimum(state.long_len + moved.valid.sum(), self.memory(layout)))
+    def update_index(self, layout: StreamLayout, state: StreamState, valid: jax.Array, frame: jax.Array) -> StreamState:
+        return state.replace(long_len=jnp.minimum(state.long_len + valid.sum(), self.memory(layout)))
 
     def retrieve(self, layout: StreamLayout, layer: StreamLayer, state: StreamState, q: jax.Array,
                  q_valid: jax.Array) -> Segment:
-        query = mean_query(q, q_valid, layer.long_k.shape[0])
-        keep = par_select(layer.long_k, state.long_len, query, self.page_size, self.retrieve_ratio)
-        # Gather the kept tokens to the front (temporal order): the answer pays only for them.
-        size = self.retrieved_capacity(layer.long_k.shape[1])
-        source = gather_index(keep, size)
-        return layer.long_k[:, source], layer.long_v[:, source], jnp.arange(size) < keep.sum()
+        hkv, c, _ = layer.long_k.shape
+        keep = par_pages(layer.long_k, state.long_len, mean_query(q, q_valid, hkv), self.page_size, self.retrieve_ratio)
+        # The kept pages in temporal order, gathered to the front: the answer pays only for
+        # them. Only the last page can be partial, so the valid tokens stay a prefix.
+        pages = self.retrieved_capacity(c) // self.page_size
+        chosen = jnp.sort(jnp.where(keep, jnp.arange(keep.shape[0]), keep.shape[0]))[:pages]
+        source = (chosen[:, None] * self.page_size + jnp.arange(self.page_size)).reshape(-1)
+        valid = source < state.long_len  # chosen pages past the last are out of range too
+        source = jnp.minimum(source, c - 1)
+        return layer.long_k[:, source], layer.long_v[:, source], valid
 
 
 def compact(x: jax.Array, keep: jax.Array) -> jax.Array:
     """x [H, C, d] with the kept slots moved to the front in order (the rest zeroed)."""
-    target = jnp.where(keep, prefix_sum(keep.astype(jnp.int32)) - 1, keep.shape[0])
-    return jnp.zeros_like(x).at[:, target].set(x, mode="drop")
-
-
-def gather_index(keep: jax.Array, size: int) -> jax.Array:
-    """[size] slots of the kept entries in order (then 0): `x[:, gather_index(keep, n)]`
-    is the kept tokens first. `size` must bound the kept count."""
-    target = jnp.where(keep, prefix_sum(keep.astype(jnp.int32)) - 1, size)
-    return jnp.zeros(size, jnp.int32).at[target].set(jnp.arange(keep.shape[0], dtype=jnp.int32), mode="drop")
+    order = jnp.argsort(~keep, stable=True)
+    return jnp.where((jnp.arange(keep.shape[0]) < keep.sum())[None, :, None], x[:, order], 0)

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.compat import host_take, to_host
-from kvjax.methods.base import check_int, prefix_sum
+from kvjax.methods.base import check_int
 from kvjax.methods.stream_memory import (
-    Moved, Segment, StreamLayer, StreamLayout, StreamMethod, StreamState, mean_query,
+    Moved, Segment, StreamLayer, StreamLayout, StreamMethod, StreamState, counts_before, mean_query,
 )
 
 
@@ -50,10 +50,10 @@ class ReKV(StreamMethod):
     def encode_memory(self, layout: StreamLayout, layer: StreamLayer, state: StreamState) -> Segment | None:
         return None
 
-    def _moved_frames(self, moved: Moved) -> tuple[jax.Array, jax.Array]:
+    def _moved_frames(self, valid: jax.Array, frame: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Clip-local frame index of each moved token (clip_frames when not valid) and the
         number of tokens of each moved frame [clip_frames]."""
-        local = jnp.where(moved.valid, moved.frame - moved.frame[0], self.clip_frames)
+        local = jnp.where(valid, frame - frame[0], self.clip_frames)
         counts = jnp.zeros(self.clip_frames + 1, jnp.int32).at[local].add(1)[: self.clip_frames]
         return local, counts
 
@@ -63,7 +63,7 @@ class ReKV(StreamMethod):
         start = (0, state.long_len, 0)
         long_k = jax.lax.dynamic_update_slice(layer.long_k, to_host(moved.k.astype(layer.long_k.dtype)), start)
         long_v = jax.lax.dynamic_update_slice(layer.long_v, to_host(moved.v.astype(layer.long_v.dtype)), start)
-        local, counts = self._moved_frames(moved)
+        local, counts = self._moved_frames(moved.valid, moved.frame)
         hkv, _, d = moved.k.shape
         sums = jnp.zeros((hkv, self.clip_frames + 1, d), jnp.float32).at[:, local].add(moved.k.astype(jnp.float32))
         means = sums[:, : self.clip_frames] / jnp.maximum(counts, 1)[None, :, None]
@@ -75,12 +75,12 @@ class ReKV(StreamMethod):
         """Frame-table slots of the moved frames (capacity, i.e. dropped, for absent ones)."""
         return jnp.where(counts > 0, state.long_frames + jnp.arange(self.clip_frames), capacity)
 
-    def update_index(self, layout: StreamLayout, state: StreamState, moved: Moved) -> StreamState:
-        _, counts = self._moved_frames(moved)
+    def update_index(self, layout: StreamLayout, state: StreamState, valid: jax.Array, frame: jax.Array) -> StreamState:
+        _, counts = self._moved_frames(valid, frame)
         slot = self._frame_slots(state, counts, state.frame_len.shape[0])
-        starts = state.long_len + prefix_sum(counts) - counts
+        starts = state.long_len + counts_before(counts)
         return state.replace(
-            long_len=state.long_len + moved.valid.sum(),
+            long_len=state.long_len + valid.sum(),
             long_frames=state.long_frames + (counts > 0).sum(),
             frame_start=state.frame_start.at[slot].set(starts, mode="drop"),
             frame_len=state.frame_len.at[slot].set(counts, mode="drop"),
@@ -94,14 +94,15 @@ class ReKV(StreamMethod):
         scores = jnp.einsum("hd,hfd->f", mean_query(q, q_valid, hkv), layer.frame_keys.astype(jnp.float32))
         _, chosen = jax.lax.top_k(jnp.where(jnp.arange(frames) < state.long_frames, scores, -jnp.inf), top)
         count = jnp.minimum(state.long_frames, top)
-        chosen = jnp.sort(jnp.where(jnp.arange(top) < count, chosen, frames))  # temporal order
-        chosen_ok = jnp.arange(top) < count
-        chosen = jnp.minimum(chosen, frames - 1)
-        ft = layout.frame_tokens
-        offset = jnp.arange(ft)
-        slots = state.frame_start[chosen][:, None] + offset  # [top, ft]
-        valid = chosen_ok[:, None] & (offset < state.frame_len[chosen][:, None])
-        rows = (jnp.arange(hkv)[:, None] * cap + jnp.clip(slots.reshape(-1), 0, cap - 1)).reshape(-1)
-        k = host_take(layer.long_k, rows).reshape(hkv, top * ft, d)
-        v = host_take(layer.long_v, rows).reshape(hkv, top * ft, d)
-        return k, v, valid.reshape(-1)
+        chosen = jnp.sort(jnp.where(jnp.arange(top) < count, chosen, frames))  # temporal order, absent last
+        lengths = jnp.where(chosen < frames, state.frame_len[jnp.minimum(chosen, frames - 1)], 0)
+        # The chosen frames' tokens back to back (a valid prefix): output token j belongs to the
+        # last chosen frame starting at or before it.
+        starts = counts_before(lengths)
+        j = jnp.arange(top * layout.frame_tokens)
+        which = (starts[None, :] <= j[:, None]).sum(axis=1) - 1
+        slots = state.frame_start[jnp.minimum(chosen[which], frames - 1)] + j - starts[which]
+        rows = (jnp.arange(hkv)[:, None] * cap + jnp.clip(slots, 0, cap - 1)).reshape(-1)
+        k = host_take(layer.long_k, rows).reshape(hkv, j.shape[0], d)
+        v = host_take(layer.long_v, rows).reshape(hkv, j.shape[0], d)
+        return k, v, j < lengths.sum()

@@ -74,7 +74,8 @@ class StreamState:
     long_frames: jax.Array  # int32 [] frames in long-term memory (ReKV)
 
 
-# One segment of attended memory: keys pre-RoPE [Hkv, n, d], values, valid [n] bool.
+# One segment of attended memory: keys pre-RoPE [Hkv, n, d], values, valid [n] bool (a
+# prefix: attention numbers a segment's tokens by their slots, without a scan).
 Segment = tuple[jax.Array, jax.Array, jax.Array]
 
 
@@ -94,7 +95,9 @@ class StreamMethod:
     """Base class: the FIFO and the clip size; subclasses define the long-term memory.
 
     Frames are encoded `clip_frames` at a time against `[init | encode_memory | short-term]`;
-    afterwards the oldest frames beyond `short_frames` leave the FIFO through `store`.
+    afterwards the oldest frames beyond `short_frames` leave the FIFO through `store`. The
+    per-layer hooks run one layer at a time: their `state` is the shared bookkeeping, with
+    `layers=()`.
     """
 
     short_frames: int = 16
@@ -125,10 +128,6 @@ class StreamMethod:
     def frame_capacity(self, needed: int) -> int:
         """Long-term frame-table entries to allocate (0: the method keeps no frame table)."""
         return 0
-
-    def retrieved_capacity(self, layout: StreamLayout, long_capacity: int) -> int:
-        """Most long-term tokens a question attends to."""
-        return long_capacity
 
     def encode_bound(self, layout: StreamLayout) -> int | None:
         """Most tokens a clip's last query attends to, or None when the stream is unbounded."""
@@ -216,10 +215,10 @@ class StreamMethod:
         return layer.replace(long_k=layer.long_k.at[:, slot].set(moved.k, mode="drop"),
                              long_v=layer.long_v.at[:, slot].set(moved.v, mode="drop"))
 
-    def update_index(self, layout: StreamLayout, state: StreamState, moved: Moved) -> StreamState:
+    def update_index(self, layout: StreamLayout, state: StreamState, valid: jax.Array, frame: jax.Array) -> StreamState:
         """Shared bookkeeping after every layer's `store`: the new long-term length (and
-        frame table)."""
-        return state.replace(long_len=state.long_len + moved.valid.sum())
+        frame table). `valid`, `frame`: those of the `Moved` tokens (the same in every layer)."""
+        return state.replace(long_len=state.long_len + valid.sum())
 
     def retrieve(self, layout: StreamLayout, layer: StreamLayer, state: StreamState, q: jax.Array,
                  q_valid: jax.Array) -> Segment:
@@ -246,3 +245,9 @@ def mean_query(q: jax.Array, q_valid: jax.Array, num_kv_heads: int) -> jax.Array
 def append_slots(valid: jax.Array, start: jax.Array, capacity: int) -> jax.Array:
     """Slots `start + i` for the valid prefix of n tokens; `capacity` (dropped) for the rest."""
     return jnp.where(valid, start + jnp.arange(valid.shape[0]), capacity)
+
+
+def counts_before(x: jax.Array) -> jax.Array:
+    """Exclusive prefix sum of a short int vector [n] (frame tables): a triangular product,
+    which compiles in a fraction of a scan's time."""
+    return jnp.tril(jnp.ones((x.shape[0],) * 2, x.dtype), -1) @ x

@@ -101,3 +101,71 @@ def test_freekv_flags_build_the_method():
                                       "--no-speculative", "--offload"])
     assert _method_from_args(args.method, args) == FreeKV(budget=512, sink=64, recent=64, page_size=16, tau=0.9,
                                                           speculative=False, offload=True)
+
+
+# --- kvjax stream on the tiny LLaVA-OneVision and a generated video -----------------------------
+
+STREAM_FLAGS = ["--fps", "2", "--max-frames", "6", "--memory-tokens", "32", "--short-frames", "2",
+                "--clip-frames", "2", "--max-new-tokens", "3", "--json"]
+STREAM_QUESTIONS = ["What colour is the background?", "Where is the square?"]
+
+
+def _reference_tokens(model, video, frames: int, question: str) -> list[int]:
+    """The answer of a session given the first `frames` sampled frames, built by hand."""
+    from kvjax import LiveVLM, StreamSession
+
+    session = StreamSession(model, LiveVLM(memory_tokens=32, short_frames=2, clip_frames=2))
+    if frames:
+        session.add_video(video, fps=2, max_frames=frames)
+    return session.ask(question, max_new_tokens=3).tokens
+
+
+def test_stream_argument_errors(tmp_path, tiny_video):
+    video = str(tiny_video[0])
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for argv, message in [
+        (["--video", str(tmp_path / "none.mp4"), "--model", str(tmp_path), "--ask", "Q"], "--video: no such file"),
+        (["--video", video, "--model", str(tmp_path / "none"), "--ask", "Q"], "--model: no such directory"),
+        (["--video", video, "--model", str(tmp_path), "--ask", "Q"], "is not a LLaVA-OneVision directory"),
+        (["--video", video, "--model", str(tmp_path)], "give --ask QUESTION"),
+        (["--video", video, "--model", str(tmp_path), "--ask", "Q", "--retrieve-frames", "4"],
+         "--method livevlm does not take --retrieve-frames"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            main(["stream", *argv])
+
+
+def test_stream_answers_questions_after_the_video(tiny_vlm, tiny_llava_dir, tiny_video, capsys):
+    video = tiny_video[0]
+    argv = ["stream", "--video", str(video), "--model", str(tiny_llava_dir), *STREAM_FLAGS]
+    assert main([*argv, "--ask", STREAM_QUESTIONS[0], "--ask", STREAM_QUESTIONS[1]]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["question"] for a in answers] == STREAM_QUESTIONS
+    for a in answers:
+        assert a["frames"] == 6 and a["stats"]["ttft_s"] > 0 and len(a["tokens"]) == 3
+        assert a["tokens"] == _reference_tokens(tiny_vlm, video, 6, a["question"])
+
+
+def test_stream_interactive_reads_questions_while_the_video_plays(tiny_vlm, tiny_llava_dir, tiny_video, capsys,
+                                                                 monkeypatch):
+    """Questions piped on stdin are answered against the frames that arrived before them; only
+    the main thread touches the session while a thread feeds the frames."""
+    import io
+    import threading
+
+    from kvjax.stream import StreamSession
+
+    video = tiny_video[0]
+    threads = set()
+    for name in ("add_frames", "ask"):
+        original = getattr(StreamSession, name)
+        wrapped = lambda self, *a, _f=original, **k: threads.add(threading.current_thread()) or _f(self, *a, **k)
+        monkeypatch.setattr(StreamSession, name, wrapped)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{STREAM_QUESTIONS[0]}\n\n{STREAM_QUESTIONS[1]}\n"))
+    assert main(["stream", "--video", str(video), "--model", str(tiny_llava_dir), "--interactive",
+                 "--speed", "20", *STREAM_FLAGS]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["question"] for a in answers] == STREAM_QUESTIONS and threads == {threading.main_thread()}
+    for a in answers:
+        assert 0 <= a["frames"] <= 6 and a["video_time_s"] == pytest.approx(max(a["frames"] - 1, 0) / 2)
+        assert a["tokens"] == _reference_tokens(tiny_vlm, video, a["frames"], a["question"])

@@ -8,6 +8,7 @@ test: a SmolLM2 caption stream with one early fact.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -18,29 +19,27 @@ import pytest
 from kvjax import FullVideo, LiveVLM, ReKV, StreamingLLM, StreamSession, generate
 from kvjax.generation import COMPILE_COUNTS
 from kvjax.methods import Full
-from kvjax.methods.livevlm import par_select, vsb_keep
+from kvjax.methods.livevlm import par_pages, vsb_keep
+from kvjax.eval.stream_tasks import ANSWER_PREFIX, QUESTION as FACT_QUESTION, caption_stream
 from kvjax.stream import default_templates
+from kvjax.stream_forward import Executor, question
+from kvjax.video import read_video
+from models import llava_onevision as llava
+from models.vision_bundle import VisionLanguageModel
+from models.vision_preprocess import preprocess_frames
 
 FRAME_TOKENS = 24
 SMALL = dict(short_frames=2, clip_frames=2)  # fits the tiny model's 512 positions
 # Tests share these configurations (and question shapes): each compiles once per session.
 LIVE = LiveVLM(memory_tokens=32, **SMALL)
 FULL = FullVideo(**SMALL)
+VIDEO_FPS = 2.0  # the 10 fps test video sampled to 8 frames
 QUESTION, NEW = "Who crossed the square?", 4
-WHO = ["a jogger", "a cyclist", "a delivery van", "two children", "a bus", "an old man with a dog", "a taxi"]
-WHAT = ["passed the bridge", "stopped at the corner", "crossed the square", "waited by the fountain",
-        "turned left at the bakery", "parked near the school"]
 
 
-def captions(n: int, seed: int, fact_at: int | None = None) -> tuple[list[str], int]:
-    """`n` caption frames ("Minute 17: a jogger passed the bridge.") and, at frame `fact_at`,
-    one fact: a four-digit number written on a wall. Returns (lines, number)."""
-    rng = np.random.default_rng(seed)
-    lines = [f"Minute {i + 1}: {rng.choice(WHO)} {rng.choice(WHAT)}.\n" for i in range(n)]
-    number = int(rng.integers(1000, 9999))
-    if fact_at is not None:
-        lines[fact_at] = f"Minute {fact_at + 1}: the door code {number} was written on the wall.\n"
-    return lines, number
+def captions(n: int, seed: int) -> list[str]:
+    """`n` caption frames without a fact ("Minute 17: a jogger passed the bridge.")."""
+    return caption_stream(n, seed).lines
 
 
 def session(model, method, lines: list[str]) -> StreamSession:
@@ -109,9 +108,9 @@ def test_par_selects_top_pages(n, ratio):
     rng = np.random.default_rng(n)
     keys = rng.standard_normal((2, 160, 8)).astype(np.float32)
     query = rng.standard_normal((2, 8)).astype(np.float32)
-    par = jax.jit(par_select, static_argnums=(3, 4))
-    keep = np.asarray(par(jnp.asarray(keys), jnp.int32(n), jnp.asarray(query), 16, ratio))
-    np.testing.assert_array_equal(keep, par_reference(keys, n, query, 16, ratio))
+    par = jax.jit(par_pages, static_argnums=(3, 4))
+    pages = np.asarray(par(jnp.asarray(keys), jnp.int32(n), jnp.asarray(query), 16, ratio))
+    np.testing.assert_array_equal(np.repeat(pages, 16) & (np.arange(160) < n), par_reference(keys, n, query, 16, ratio))
 
 
 # --- sessions on the tiny model -------------------------------------------------------------
@@ -119,7 +118,7 @@ def test_par_selects_top_pages(n, ratio):
 
 def test_livevlm_covering_everything_equals_full_video(tiny_lm):
     """M above the stream and retrieve_ratio=1: the same tokens at the same positions."""
-    lines, _ = captions(16, seed=1)
+    lines = captions(16, seed=1)
     full = session(tiny_lm, FULL, lines).ask(QUESTION, max_new_tokens=NEW)
     live = session(tiny_lm, LiveVLM(memory_tokens=320, retrieve_ratio=1.0, **SMALL), lines).ask(
         QUESTION, max_new_tokens=NEW)
@@ -132,7 +131,7 @@ def test_device_memory_bounded_while_full_video_grows(tiny_lm):
     """Frames holding 10x more tokens than M: LiveVLM's device bytes stay fixed (init + M +
     short-term), FullVideo's grow with the stream, ReKV's K/V go to host memory."""
     m = LIVE.memory_tokens
-    lines, _ = captions(24, seed=2)
+    lines = captions(24, seed=2)
     methods = [LIVE, FULL, ReKV(retrieve_frames=4, **SMALL)]
     sessions = [StreamSession(tiny_lm, method, frame_tokens=FRAME_TOKENS) for method in methods]
     sizes = {method.name: [] for method in methods}
@@ -157,7 +156,7 @@ def test_device_memory_bounded_while_full_video_grows(tiny_lm):
 
 
 def test_question_kv_is_discarded_and_shapes_compile_once(tiny_lm):
-    lines, _ = captions(12, seed=3)
+    lines = captions(12, seed=3)
     s = session(tiny_lm, LIVE, lines)
     before = s.memory_stats()
     first = s.ask(QUESTION, max_new_tokens=NEW)
@@ -167,10 +166,38 @@ def test_question_kv_is_discarded_and_shapes_compile_once(tiny_lm):
     assert second.tokens == first.tokens
     np.testing.assert_array_equal(second.logits, first.logits)
     assert second.stats["ttft_s"] > 0 and second.stats["compile_s"] == 0
-    for line in captions(4, seed=4)[0]:  # more clips of the same bucket: nothing compiles
+    for line in captions(4, seed=4):  # more clips of the same bucket: nothing compiles
         s.add_text(line)
     s.ask(QUESTION, max_new_tokens=NEW)
     assert COMPILE_COUNTS == counts
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySignRetrieval(FullVideo):
+    """Retrieves the long-term tokens whose first key coordinate is positive: a different number
+    in each layer, whatever the question."""
+
+    name = "key_sign"
+
+    def retrieve(self, layout, layer, state, q, q_valid):
+        keep = (jnp.arange(layer.long_k.shape[1]) < state.long_len) & (layer.long_k[0, :, 0] > 0)
+        source = jnp.argsort(~keep, stable=True)
+        return layer.long_k[:, source], layer.long_v[:, source], jnp.arange(keep.shape[0]) < keep.sum()
+
+
+def test_answer_decode_when_layers_retrieve_different_counts(tiny_lm):
+    """Each generated token equals the greedy choice of a question pass fed the question and
+    the tokens before it (teacher forcing), although layers attend different memory sizes."""
+    s = session(tiny_lm, KeySignRetrieval(**SMALL), captions(8, seed=6))
+    answer = s.ask(QUESTION, max_new_tokens=NEW)
+    ids = tiny_lm.tokenizer(s.question_template.format(question=QUESTION), add_special_tokens=False)["input_ids"]
+    attended = [(s.state.layers[i].long_k[0, : int(s.state.long_len), 0] > 0).sum() for i in range(2)]
+    assert attended[0] != attended[1] and len(answer.tokens) == NEW
+    for i in range(1, NEW):
+        x, valid = s._embed_padded(ids + answer.tokens[:i], 16 * math.ceil((len(ids) + NEW) / 16))
+        logits, _ = question(Executor(), tiny_lm.params, s.state, x, valid, config=tiny_lm.config,
+                             method=s.method, layout=s.layout, extra=NEW)
+        assert int(np.argmax(logits[0])) == answer.tokens[i], i
 
 
 def test_bad_inputs_name_the_parameter(tiny_lm):
@@ -209,7 +236,7 @@ def test_bad_inputs_name_the_parameter(tiny_lm):
 
 def test_frame_embeddings_enter_like_text(tiny_lm):
     """Precomputed per-frame embeddings (the VLM hook's output) give the same stream as text."""
-    lines, _ = captions(5, seed=5)
+    lines = captions(5, seed=5)
     text = session(tiny_lm, LIVE, lines)
     embedded = StreamSession(tiny_lm, LIVE, frame_tokens=FRAME_TOKENS)
     table = np.asarray(tiny_lm.params.embed)
@@ -218,6 +245,40 @@ def test_frame_embeddings_enter_like_text(tiny_lm):
         embedded.add_frames(table[ids][None])
     a, b = (s.ask(QUESTION, max_new_tokens=NEW) for s in (text, embedded))
     np.testing.assert_array_equal(a.logits, b.logits)
+
+
+# --- video through the tiny LLaVA-OneVision -------------------------------------------------
+
+
+def test_add_video_feeds_clips_as_they_decode(tiny_vlm, tiny_video):
+    """A file and a live iterator (sampled from 10 fps) give the stream of the same frames
+    added as an array; the iterator's clips are encoded while it still produces frames. Frames
+    pass through the vision tower (batches padded to a power of two change nothing)."""
+    path, _ = tiny_video
+    frames, _ = read_video(path, fps=VIDEO_FPS, max_frames=6)
+    assert isinstance(tiny_vlm, VisionLanguageModel) and len(frames) == 6
+    from_file, from_live, from_array = (StreamSession(tiny_vlm, LIVE) for _ in range(3))
+    assert from_file.add_video(path, fps=VIDEO_FPS, max_frames=6) == 6
+    encoded_while_live = []
+
+    def camera():
+        for frame in read_video(path)[0]:  # every decoded frame, at the source's 10 fps
+            encoded_while_live.append(from_live.stream_tokens)
+            yield frame
+
+    assert from_live.add_video(camera(), fps=VIDEO_FPS, source_fps=10, max_frames=6) == 6
+    assert encoded_while_live[-1] > 0 and len(encoded_while_live) > 20
+    from_array.add_frames(frames[:4])  # vision batches of 4 (padded from 3 below) and 2: compiled once
+    from_array.add_frames(frames[4:])
+    file, live, array = (s.ask(QUESTION, max_new_tokens=NEW) for s in (from_file, from_live, from_array))
+    np.testing.assert_array_equal(file.logits, live.logits)
+    np.testing.assert_allclose(file.logits, array.logits, atol=1e-4, rtol=0)  # other vision batches
+    assert file.tokens == live.tokens == array.tokens and file.stats["frames"] == 6
+    c = tiny_vlm.llava_config
+    pooled = jax.jit(llava.video_features, static_argnames="config")(
+        tiny_vlm.llava_params, jnp.asarray(preprocess_frames(frames[:3], tiny_vlm.preprocess)), config=c)
+    np.testing.assert_allclose(np.asarray(tiny_vlm.encode_frames(frames[:3])),
+                               np.asarray(pooled).reshape(3, c.tokens_per_frame, -1), atol=1e-5, rtol=0)
 
 
 # --- the real model -------------------------------------------------------------------------
@@ -233,15 +294,15 @@ def test_smollm2_livevlm_retrieves_an_early_fact_that_recent_memory_lost(smollm2
     words (measured: " door", " code", " written" gone at layer 0 at 1.5x-2x compression of a
     2.3k-token stream) and the model answers a minute number instead.
     """
-    lines, number = captions(100, seed=0, fact_at=10)
-    s = session(smollm2, LiveVLM(memory_tokens=2048), lines)
-    question, prefix = "What number was written on the wall?", "The number written on the wall was"
-    live = s.ask(question, max_new_tokens=6, answer_prefix=prefix)
+    stream = caption_stream(100, seed=0, fact_at=0.1)
+    s = session(smollm2, LiveVLM(memory_tokens=2048), stream.lines)
+    live = s.ask(FACT_QUESTION, max_new_tokens=6, answer_prefix=ANSWER_PREFIX)
     stats = live.stats
     assert stats["attended_memory_tokens"] < 0.6 * stats["stream_tokens"]
     init, template = default_templates(smollm2.tokenizer)
-    recent = generate(smollm2, init + "".join(lines), question=template.format(question=question) + prefix,
+    recent = generate(smollm2, init + "".join(stream.lines),
+                      question=template.format(question=FACT_QUESTION) + ANSWER_PREFIX,
                       method=StreamingLLM(budget=stats["attended_memory_tokens"] + stats["question_tokens"]),
                       max_new_tokens=6)
-    assert str(number) in live.text, live.text
-    assert str(number) not in recent.text, recent.text
+    assert stream.correct(live.text), live.text
+    assert not stream.correct(recent.text), recent.text
