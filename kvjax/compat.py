@@ -75,25 +75,6 @@ def on_host(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
 
 
-def host_take(host: jax.Array, rows: jax.Array) -> jax.Array:
-    """Rows of a host-memory array, copied to device memory; only those rows cross.
-
-    host: [..., d] in `pinned_host`, viewed as [N, d]; rows: [n] int32 row numbers of that
-    view (clamped into range). Returns [n, d] in device memory. The gather runs on the host
-    (XLA's `device_host` compute type), where all its operands must live: do index
-    arithmetic before the call.
-    """
-    take = lambda table, r: jnp.take(table.reshape(-1, table.shape[-1]), r, axis=0, mode="clip")
-    return to_device(on_host(take, host, to_host(rows)))
-
-
-def host_put(host: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
-    """`host` with rows `rows` ([n] row numbers of its [N, d] view) set to `values` [n, d],
-    updated in host memory (the values cross device -> host). Out-of-range rows are dropped."""
-    put = lambda table, r, x: table.reshape(-1, table.shape[-1]).at[r].set(x, mode="drop").reshape(table.shape)
-    return on_host(put, host, to_host(rows), to_host(values.astype(host.dtype)))
-
-
 def _per_row(fn: Callable[..., Any], head_axis: int, operands: int) -> Callable[..., Any]:
     """`fn(table, *others)` mapped (vmap) over the sequence axis (0) and `head_axis` of
     `table` and the two leading axes of the `operands - 1` others: gathers and scatters with
@@ -122,3 +103,11 @@ def host_put_rows(host: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Ar
     `host_take_rows`. Out-of-range rows are dropped."""
     put = lambda table, r, x: table.at[r].set(x, mode="drop")
     return on_host(_per_row(put, 1, 3), host, to_host(rows), to_host(values.astype(host.dtype)))
+
+
+def host_take_heads(host: jax.Array, rows: jax.Array) -> jax.Array:
+    """`host_take_rows` for a host array without a sequence axis: host [H, S, ...], rows
+    [H, n] -> [H, n, ...] in device memory, gathered per head (local to each device's heads
+    on a mesh)."""
+    take = lambda table, r: jnp.take(table, r, axis=0, mode="clip")
+    return to_device(on_host(jax.vmap(take), host, to_host(rows)))

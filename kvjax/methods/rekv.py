@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kvjax.compat import host_take, to_host
+from kvjax.compat import from_host_bits, host_bits, host_take_heads, to_host
 from kvjax.methods.base import check_int
 from kvjax.methods.stream_memory import (
     Moved, Segment, StreamLayer, StreamLayout, StreamMethod, StreamState, counts_before, mean_query,
@@ -45,7 +45,9 @@ class ReKV(StreamMethod):
         return layout.init_tokens + retrieved + self.short_capacity(layout) + question_tokens
 
     def _place(self, x: jax.Array) -> jax.Array:
-        return to_host(x)
+        # 16-bit floats as their uint16 bits (`host_bits`): XLA's CPU backend would otherwise
+        # convert the whole host store to float32 around every retrieval.
+        return to_host(host_bits(jnp.asarray(x)))
 
     def encode_memory(self, layout: StreamLayout, layer: StreamLayer, state: StreamState) -> Segment | None:
         return None
@@ -61,8 +63,9 @@ class ReKV(StreamMethod):
               long_scores: jax.Array | None) -> StreamLayer:
         # One block copy per buffer; slots past the valid tokens are rewritten by the next clip.
         start = (0, state.long_len, 0)
-        long_k = jax.lax.dynamic_update_slice(layer.long_k, to_host(moved.k.astype(layer.long_k.dtype)), start)
-        long_v = jax.lax.dynamic_update_slice(layer.long_v, to_host(moved.v.astype(layer.long_v.dtype)), start)
+        stored = lambda x: to_host(host_bits(x.astype(layer.short_k.dtype)))  # as `_place` keeps it
+        long_k = jax.lax.dynamic_update_slice(layer.long_k, stored(moved.k), start)
+        long_v = jax.lax.dynamic_update_slice(layer.long_v, stored(moved.v), start)
         local, counts = self._moved_frames(moved.valid, moved.frame)
         hkv, _, d = moved.k.shape
         sums = jnp.zeros((hkv, self.clip_frames + 1, d), jnp.float32).at[:, local].add(moved.k.astype(jnp.float32))
@@ -102,7 +105,8 @@ class ReKV(StreamMethod):
         j = jnp.arange(top * layout.frame_tokens)
         which = (starts[None, :] <= j[:, None]).sum(axis=1) - 1
         slots = state.frame_start[jnp.minimum(chosen[which], frames - 1)] + j - starts[which]
-        rows = (jnp.arange(hkv)[:, None] * cap + jnp.clip(slots, 0, cap - 1)).reshape(-1)
-        k = host_take(layer.long_k, rows).reshape(hkv, j.shape[0], d)
-        v = host_take(layer.long_v, rows).reshape(hkv, j.shape[0], d)
+        # Per KV head (a gather batched over heads): on a mesh each device reads its own heads.
+        rows = jnp.broadcast_to(jnp.clip(slots, 0, cap - 1), (hkv, j.shape[0]))
+        k = from_host_bits(host_take_heads(layer.long_k, rows), layer.short_k.dtype)
+        v = from_host_bits(host_take_heads(layer.long_v, rows), layer.short_v.dtype)
         return k, v, j < lengths.sum()

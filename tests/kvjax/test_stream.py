@@ -306,3 +306,47 @@ def test_smollm2_livevlm_retrieves_an_early_fact_that_recent_memory_lost(smollm2
                       max_new_tokens=6)
     assert stream.correct(live.text), live.text
     assert not stream.correct(recent.text), recent.text
+
+
+def test_rekv_bfloat16_host_frames_are_retrieved_exactly_without_converting_the_store():
+    """ReKV keeps bfloat16 long-term K/V in host memory as their uint16 bits: retrieval returns
+    the chosen frames' exact tokens per KV head, and the compiled store + retrieval convert
+    no whole host array to float32 (XLA's CPU backend computes bfloat16 in float32)."""
+    import re
+
+    from kvjax.methods.stream_memory import Moved, StreamLayout
+
+    layout = StreamLayout(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, init_tokens=4, frame_tokens=4,
+                          max_position=4096, dtype=jnp.bfloat16)
+    method = ReKV(retrieve_frames=2, **SMALL)
+    state = method.init_state(layout)
+    layer = state.layers[0]
+    assert layer.long_k.dtype == jnp.uint16 and layer.long_k.sharding.memory_kind == "pinned_host"
+    hkv, cap, d = layer.long_k.shape
+    rng = np.random.default_rng(3)
+    n = 2 * layout.frame_tokens * 2  # one clip of 2 frames leaves the FIFO twice: 4 frames
+    moved_k = jnp.asarray(rng.standard_normal((hkv, n, d)), jnp.bfloat16)
+    moved_v = jnp.asarray(rng.standard_normal((hkv, n, d)), jnp.bfloat16)
+
+    def run(layer, state, q):
+        for clip in range(2):  # two moves of 2 frames of 4 tokens
+            part = slice(clip * 8, clip * 8 + 8)
+            frame = jnp.repeat(jnp.arange(2) + 2 * clip, 4)
+            moved = Moved(k=moved_k[:, part], v=moved_v[:, part], valid=jnp.ones(8, bool), frame=frame, scores=None)
+            layer = method.store(layout, layer, state, moved, None)
+            state = method.update_index(layout, state, moved.valid, moved.frame)
+        return method.retrieve(layout, layer, state, q, jnp.ones(q.shape[0], bool))
+
+    # Queries along frame 3's and frame 1's mean keys: those two frames come back in temporal order.
+    means = np.asarray(moved_k, np.float32).reshape(hkv, 4, 4, d).mean(axis=2)  # [Hkv, frame, d]
+    q = np.broadcast_to(np.repeat(means[:, 1] + means[:, 3], 2, axis=0)[None], (1, 4, d)) * 10
+    fn = jax.jit(run)
+    k, v, valid = fn(layer, state, jnp.asarray(q, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(valid), np.ones(8, bool))
+    for got, want in ((k, moved_k), (v, moved_v)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got[:, :8], np.float32),
+                                      np.asarray(want, np.float32)[:, np.r_[4:8, 12:16]])
+    hlo = fn.lower(layer, state, jnp.asarray(q, jnp.float32)).compile().as_text()
+    sizes = {math.prod(map(int, s.split(","))) for s in re.findall(r"f32\[([\d,]+)\]", hlo)}
+    assert hkv * cap * d not in sizes
