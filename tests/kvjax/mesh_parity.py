@@ -33,12 +33,14 @@ import sys  # noqa: E402
 import warnings  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from kvjax import ClusterKV, FreeKV, Full, LiveVLM, StreamSession, generate, generate_many  # noqa: E402
+from kvjax import ClusterKV, FreeKV, Full, LiveVLM, ReKV, StreamSession, generate, generate_many  # noqa: E402
 from kvjax.generation import _EXECUTABLES, COMPILE_COUNTS, _decode_jit, convert, prefill  # noqa: E402
-from kvjax.sharding import make_mesh, shard_model  # noqa: E402
+from kvjax.methods.stream_memory import StreamLayout  # noqa: E402
+from kvjax.sharding import make_mesh, place, shard_model  # noqa: E402
 from models.bundle import Model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.params import init_random  # noqa: E402
@@ -120,6 +122,21 @@ def host_collectives(method, mesh, host_shapes: list[tuple[int, ...]]) -> list[s
     return found
 
 
+def rekv_retrieval_collectives(mesh) -> list[str]:
+    """Collectives of a compiled ReKV retrieval (bfloat16 host frames, heads split on
+    `model`) that move retrieved rows or the host store: the copies must be per KV head.
+    (The frame scores' mean over KV heads is an all-reduce of one score per frame.)"""
+    layout = StreamLayout(num_layers=1, num_heads=8, num_kv_heads=2, head_dim=8, init_tokens=4, frame_tokens=4,
+                          max_position=1024, dtype=jnp.bfloat16)
+    method = ReKV(retrieve_frames=2, short_frames=2, clip_frames=2)
+    state = place(method.init_state(layout), mesh)
+    retrieve = jax.jit(lambda layer, s, q: method.retrieve(layout, layer, s, q, jnp.ones(q.shape[0], bool)))
+    hlo = retrieve.lower(state.layers[0], state, jnp.ones((3, 8, 8), jnp.float32)).compile().as_text()
+    return [line.strip()[:200] for line in hlo.splitlines()
+            if re.search(r" (all-gather|all-to-all)(-start)?\(", line)
+            or (re.search(r" (all-reduce|collective-permute)(-start)?\(", line) and re.search(r"_take|gather", line))]
+
+
 def run(model, prompts, methods, mesh) -> dict:
     """Generation with every method (one shared prefill), logits, stats and cache layouts."""
     before = COMPILE_COUNTS.copy()
@@ -174,6 +191,8 @@ def main() -> None:
                 "stream": run_streams(sharded, mesh),
                 "params": layout(sharded.params),
             }
+            if with_offload:
+                results[spec]["rekv_retrieval_collectives"] = rekv_retrieval_collectives(mesh)
         try:
             generate(sharded, prompts[:3], mesh=mesh)
         except ValueError as e:

@@ -87,6 +87,8 @@ def test_host_offload_copies_per_device(parity):
     copies from its own shard (they once all-gathered the whole host store every step)."""
     found = parity["data=2,model=2"]["generate"]["host_collectives"]
     assert found == {"clusterkv": [], "freekv": []}
+    # ReKV's retrieval of host frames, heads split over `model`: per KV head as well.
+    assert parity["data=2,model=2"]["rekv_retrieval_collectives"] == []
 
 
 def test_batch_not_splitting_over_data_is_an_error(parity):
