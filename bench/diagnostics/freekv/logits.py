@@ -2,15 +2,16 @@ import sys, time
 sys.path.insert(0, '.'); sys.path.insert(0, __import__("os").path.dirname(__file__))
 import numpy as np, jax, jax.numpy as jnp
 import models
-from bench.accuracy import Shapes, QUESTION_BUCKET, decode, depth_for
-from bench.method_speed import freekv
+from bench.accuracy import Shapes, QUESTION_BUCKET, depth_for
+# Names the method specs on the command line are evaluated with:
+from bench.method_speed import freekv  # noqa: F401
 from kvjax.eval.tasks import make_sample
 from kvjax.eval.runner import MAX_NEW_TOKENS
 from kvjax.generation import _tokenize, convert, prefill
-from kvjax.methods import Full, make_method
-from kvjax import FreeKV
+from kvjax.methods import Full, make_method  # noqa: F401
+from kvjax import FreeKV  # noqa: F401
 from models.llama import forward
-from ref import RefFreeKV, RefSpecFreeKV
+from ref import RefFreeKV, RefSpecFreeKV  # noqa: F401
 
 seed = int(sys.argv[1]); pairs = sys.argv[2:]
 model = models.load("smollm2")

@@ -1,15 +1,15 @@
-import sys, time, math, dataclasses
+import sys, time
 sys.path.insert(0, '.')
-import numpy as np
 import models
-from bench.accuracy import Shapes, QUESTION_BUCKET, decode, depth_for, build_method
-from bench.method_speed import freekv
-from kvjax.eval.tasks import make_sample, default_haystack_path, score
+from bench.accuracy import Shapes, QUESTION_BUCKET, decode, depth_for
+# Names the method specs on the command line are evaluated with:
+from bench.method_speed import freekv  # noqa: F401
+from kvjax.eval.tasks import make_sample
 from kvjax.eval.runner import MAX_NEW_TOKENS
 from kvjax.generation import _tokenize, convert, prefill
-from kvjax.methods import Full, make_method
-from kvjax import FreeKV
-sys.path.insert(0, __import__("os").path.dirname(__file__)); from ref import RefFreeKV
+from kvjax.methods import Full, make_method  # noqa: F401
+from kvjax import FreeKV  # noqa: F401
+sys.path.insert(0, __import__("os").path.dirname(__file__)); from ref import RefFreeKV  # noqa: F401
 
 seed = int(sys.argv[1]); specs = sys.argv[2:]
 model = models.load("smollm2")
