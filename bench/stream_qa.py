@@ -15,8 +15,13 @@ Per stream (`--tokens` lengths, positions, `--seeds`):
 - `recent_attended`: the same at the number of memory tokens LiveVLM actually attends
   when answering (init + retrieved pages + short-term): equal answer compute.
 - `fullvideo`: `FullVideo()` (everything on device) on streams that fit the trained context.
+- `--variants`: more LiveVLM configurations on the same streams, each `KEY=VALUE,...` of
+  `LiveVLM` fields (e.g. `memory_tokens=1536,sink_fraction=1.0`), labelled `livevlm[...]`.
+  The baselines follow the first LiveVLM's budgets.
 
     .venv/bin/python -m bench.stream_qa --tokens 6000 12000 --seeds 2
+    .venv/bin/python -m bench.stream_qa --tokens 3000 --positions early --methods recent \
+        --variants memory_tokens=1536 memory_tokens=1536,sink_fraction=1.0
 """
 
 from __future__ import annotations
@@ -35,7 +40,28 @@ if str(REPO) not in sys.path:
 POSITIONS = {"early": 0.05, "middle": 0.5, "late": 0.95}
 FRAME_TOKENS = 24  # slots per text frame (a caption line is about 15 tokens)
 NEW_TOKENS = 6
-METHODS = ("livevlm", "recent", "recent_attended", "fullvideo")
+BASELINES = ("recent", "recent_attended", "fullvideo")
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """`KEY=VALUE,...` -> LiveVLM field overrides (values as Python literals)."""
+    import ast
+    import dataclasses
+
+    from kvjax import LiveVLM
+
+    fields = {f.name for f in dataclasses.fields(LiveVLM)}
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"variant item {item!r} is not KEY=VALUE with KEY a LiveVLM field ({sorted(fields)})")
+        out[key] = ast.literal_eval(value)
+    return out
+
+
+def variant_label(overrides: dict[str, Any]) -> str:
+    return "livevlm" + (f"[{','.join(f'{k}={v}' for k, v in overrides.items())}]" if overrides else "")
 
 
 def recent_answer(model, stream, budget: int, init: str, template: str) -> tuple[str, int]:
@@ -66,7 +92,8 @@ def stream_answer(model, method, stream) -> tuple[str, dict[str, Any]]:
     return answer.text, answer.stats
 
 
-def run_one(model, tokens: int, position: str, seed: int, methods: list[str]) -> dict[str, Any]:
+def run_one(model, tokens: int, position: str, seed: int, methods: list[str],
+            variants: list[dict[str, Any]]) -> dict[str, Any]:
     from kvjax import FullVideo, LiveVLM
     from kvjax.eval.stream_tasks import caption_stream, lines_for_tokens
     from kvjax.stream import default_templates
@@ -75,14 +102,17 @@ def run_one(model, tokens: int, position: str, seed: int, methods: list[str]) ->
     init, template = default_templates(model.tokenizer)
     row: dict[str, Any] = {"tokens": tokens, "position": position, "seed": seed, "number": stream.number,
                            "lines": len(stream.lines), "fact_line": stream.fact_line, "results": {}}
-    t0 = time.perf_counter()
-    text, stats = stream_answer(model, LiveVLM(), stream)
-    row["stream_tokens"] = stats["stream_tokens"]
-    device_tokens = stats["init_tokens"] + stats["long_term_tokens"] + stats["short_term_tokens"]
-    attended = stats["init_tokens"] + stats["attended_memory_tokens"] + stats["short_term_tokens"]
-    row["results"]["livevlm"] = {"answer": text, "correct": stream.correct(text), "seconds": time.perf_counter() - t0,
-                                 "device_tokens": device_tokens, "attended_tokens": attended,
-                                 "ttft_s": stats["ttft_s"], "device_kv_bytes": stats["device_kv_bytes"]}
+    for overrides in variants:
+        t0 = time.perf_counter()
+        text, stats = stream_answer(model, LiveVLM(**overrides), stream)
+        row["stream_tokens"] = stats["stream_tokens"]
+        row["results"][variant_label(overrides)] = {
+            "answer": text, "correct": stream.correct(text), "seconds": time.perf_counter() - t0,
+            "device_tokens": stats["init_tokens"] + stats["long_term_tokens"] + stats["short_term_tokens"],
+            "attended_tokens": stats["init_tokens"] + stats["attended_memory_tokens"] + stats["short_term_tokens"],
+            "ttft_s": stats["ttft_s"], "device_kv_bytes": stats["device_kv_bytes"]}
+    first = row["results"][variant_label(variants[0])]
+    device_tokens, attended = first["device_tokens"], first["attended_tokens"]
     for name, budget in (("recent", device_tokens), ("recent_attended", attended)):
         if name in methods:
             t0 = time.perf_counter()
@@ -101,22 +131,23 @@ def run_one(model, tokens: int, position: str, seed: int, methods: list[str]) ->
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Correct answers per (stream length, fact position, method)."""
+    """Correct answers per (stream length, fact position, method), methods in run order."""
     cells: dict[tuple, list[bool]] = {}
     for row in rows:
         for method, result in row["results"].items():
             cells.setdefault((row["tokens"], row["position"], method), []).append(result["correct"])
+    order = lambda kv: (kv[0][0], list(POSITIONS).index(kv[0][1]))
     return [{"tokens": t, "position": p, "method": m, "correct": sum(v), "total": len(v)}
-            for (t, p, m), v in sorted(cells.items(), key=lambda kv: (kv[0][0], list(POSITIONS).index(kv[0][1]),
-                                                                        METHODS.index(kv[0][2])))]
+            for (t, p, m), v in sorted(cells.items(), key=order)]
 
 
 def markdown_table(summary: list[dict[str, Any]]) -> str:
-    keys = sorted({(s["tokens"], s["position"]) for s in summary}, key=lambda k: (k[0], list(POSITIONS).index(k[1])))
+    keys = list(dict.fromkeys((s["tokens"], s["position"]) for s in summary))
+    methods = list(dict.fromkeys(s["method"] for s in summary))
     cell = {(s["tokens"], s["position"], s["method"]): f"{s['correct']}/{s['total']}" for s in summary}
-    lines = ["| stream tokens | fact | " + " | ".join(METHODS) + " |", "|---:|---|" + "---:|" * len(METHODS)]
+    lines = ["| stream tokens | fact | " + " | ".join(methods) + " |", "|---:|---|" + "---:|" * len(methods)]
     for t, p in keys:
-        lines.append(f"| {t} | {p} | " + " | ".join(cell.get((t, p, m), "") for m in METHODS) + " |")
+        lines.append(f"| {t} | {p} | " + " | ".join(cell.get((t, p, m), "") for m in methods) + " |")
     return "\n".join(lines)
 
 
@@ -130,10 +161,15 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[6000, 12000], help="stream lengths (about)")
     p.add_argument("--positions", nargs="+", choices=list(POSITIONS), default=list(POSITIONS))
     p.add_argument("--seeds", type=int, default=3, help="streams per length and position (seeds 0..n-1)")
-    p.add_argument("--methods", nargs="+", choices=[m for m in METHODS if m != "livevlm"],
-                   default=[m for m in METHODS if m != "livevlm"], help="compared with LiveVLM")
+    p.add_argument("--methods", nargs="+", choices=BASELINES, default=list(BASELINES), help="compared with LiveVLM")
+    p.add_argument("--variants", nargs="+", default=[""], metavar="KEY=VALUE,...",
+                   help="LiveVLM configurations ('' : the defaults; default: only that)")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/stream_qa-...)")
     args = p.parse_args(argv)
+    try:
+        variants = [parse_variant(v) for v in args.variants]
+    except (ValueError, SyntaxError) as e:
+        p.error(f"--variants: {e}")
     try:
         model = models.load("smollm2")
     except (ImportError, FileNotFoundError) as e:
@@ -141,7 +177,8 @@ def main(argv=None) -> int:
     env = environment()
     output = args.output or REPO / "bench" / "results" / f"stream_qa-{env['backend']}-{datetime.date.today()}.json"
     settings = {"model": model.name, "positions": POSITIONS, "frame_tokens": FRAME_TOKENS,
-                "max_new_tokens": NEW_TOKENS, "livevlm": LiveVLM().describe(),
+                "max_new_tokens": NEW_TOKENS,
+                "livevlm": {variant_label(v): LiveVLM(**v).describe() for v in variants},
                 "recent": "init prompt + the most recent caption lines within LiveVLM's device KV tokens",
                 "recent_attended": "the same within the memory tokens LiveVLM attends when answering"}
     rows: list[dict[str, Any]] = []
@@ -149,7 +186,7 @@ def main(argv=None) -> int:
     for tokens in args.tokens:
         for seed in range(args.seeds):
             for position in args.positions:
-                row = run_one(model, tokens, position, seed, args.methods)
+                row = run_one(model, tokens, position, seed, args.methods, variants)
                 rows.append(row)
                 save()
                 print(f"{tokens} {position} seed {seed} ({row['number']}): "

@@ -58,3 +58,14 @@ def test_committed_results_match_their_answers(path):
             assert result["correct"] == (str(row["number"]) in result["answer"])
     assert data["summary"] == stream_qa.summarize(data["rows"])
     assert stream_qa.markdown_table(data["summary"]).count("\n") >= 2
+
+
+def test_variants_parse_livevlm_fields_and_name_bad_ones():
+    overrides = stream_qa.parse_variant("memory_tokens=1536,sink_fraction=1.0")
+    assert overrides == {"memory_tokens": 1536, "sink_fraction": 1.0}
+    assert stream_qa.variant_label(overrides) == "livevlm[memory_tokens=1536,sink_fraction=1.0]"
+    assert stream_qa.variant_label(stream_qa.parse_variant("")) == "livevlm"
+    with pytest.raises(ValueError, match="memory_token"):
+        stream_qa.parse_variant("memory_token=1536")
+    with pytest.raises(SystemExit):
+        stream_qa.main(["--variants", "nonsense"])
