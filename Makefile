@@ -22,9 +22,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kvjax demo
 
-## make test: the whole test suite (slow real-model tests included)
+## make test: the whole test suite (slow real-model tests included), two workers, a test
+## file per worker at a time (measured on 2 cores: 10.6 min against 16.0 min serially)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache
