@@ -1,27 +1,19 @@
-import sys, time
-sys.path.insert(0, '.')
-import models
-from bench.accuracy import Shapes, QUESTION_BUCKET, decode, depth_for
-# Names the method specs on the command line are evaluated with:
-from bench.method_speed import freekv  # noqa: F401
-from kvjax.eval.tasks import make_sample
-from kvjax.eval.runner import MAX_NEW_TOKENS
-from kvjax.generation import _tokenize, convert, prefill
-from kvjax.methods import Full, make_method  # noqa: F401
-from kvjax import FreeKV  # noqa: F401
-sys.path.insert(0, __import__("os").path.dirname(__file__)); from ref import RefFreeKV  # noqa: F401
+"""Greedy answers of methods on the passkey sample of a seed: run.py SEED SPEC..."""
+import sys
+import time
 
-seed = int(sys.argv[1]); specs = sys.argv[2:]
-model = models.load("smollm2")
-sample = make_sample("passkey", model.tokenizer, 4096, depth=depth_for(seed), seed=seed, haystack=None)
-shapes = Shapes(QUESTION_BUCKET, MAX_NEW_TOKENS["passkey"])
-_, prompts, questions = _tokenize(model.tokenizer, sample.context, sample.question)
-q = questions[0]
-print("expected", sample.answers, "ctx", sample.context_tokens, "question len", len(q), flush=True)
-dense = prefill(model, prompts, Full(), extra_tokens=shapes.extra_tokens(len(q)))
-for s in specs:
-    m = eval(s)
+from sample import method, passkey
+
+from bench.accuracy import decode
+from kvjax.eval.runner import MAX_NEW_TOKENS
+from kvjax.generation import convert
+from kvjax.methods import Full
+
+s = passkey(int(sys.argv[1]))
+print("expected", s.sample.answers, "ctx", s.sample.context_tokens, "question len", len(s.question), flush=True)
+for spec in sys.argv[2:]:
+    m = method(spec)
     t0 = time.time()
-    pre = dense if m == Full() else convert(dense, m)
-    out = decode(model, pre, m, q, MAX_NEW_TOKENS["passkey"], shapes)
-    print(f"{s:60s} {out['text']!r}  ({time.time()-t0:.0f}s)", flush=True)
+    pre = s.dense if m == Full() else convert(s.dense, m)
+    out = decode(s.model, pre, m, s.question, MAX_NEW_TOKENS["passkey"], s.shapes)
+    print(f"{spec:60s} {out['text']!r}  ({time.time() - t0:.0f}s)", flush=True)
