@@ -119,7 +119,7 @@ def run_one(model, tokens: int, position: str, seed: int, methods: list[str],
             text, kept = recent_answer(model, stream, budget, init, template)
             row["results"][name] = {"answer": text, "correct": stream.correct(text), "budget_tokens": budget,
                                     "lines_kept": kept, "seconds": time.perf_counter() - t0}
-    fits = stats["stream_tokens"] + stats["question_tokens"] + NEW_TOKENS + FRAME_TOKENS * 8 < \
+    fits = stats["stream_tokens"] + stats["question_tokens"] + NEW_TOKENS + FRAME_TOKENS * FullVideo().clip_frames < \
         model.config.max_position_embeddings
     if "fullvideo" in methods and fits:
         t0 = time.perf_counter()

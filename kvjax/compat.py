@@ -75,6 +75,10 @@ def on_host(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
 
 
+def _take_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
+    return jnp.take(table, rows, axis=0, mode="clip")
+
+
 def _per_row(fn: Callable[..., Any], head_axis: int, operands: int) -> Callable[..., Any]:
     """`fn(table, *others)` mapped (vmap) over the sequence axis (0) and `head_axis` of
     `table` and the two leading axes of the `operands - 1` others: gathers and scatters with
@@ -93,8 +97,7 @@ def host_take_rows(host: jax.Array, rows: jax.Array, head_axis: int = 1) -> jax.
     index into the whole flattened array makes XLA gather the entire array onto every
     device).
     """
-    take = lambda table, r: jnp.take(table, r, axis=0, mode="clip")
-    return to_device(on_host(_per_row(take, head_axis, 2), host, to_host(rows)))
+    return to_device(on_host(_per_row(_take_rows, head_axis, 2), host, to_host(rows)))
 
 
 def host_put_rows(host: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
@@ -109,5 +112,4 @@ def host_take_heads(host: jax.Array, rows: jax.Array) -> jax.Array:
     """`host_take_rows` for a host array without a sequence axis: host [H, S, ...], rows
     [H, n] -> [H, n, ...] in device memory, gathered per head (local to each device's heads
     on a mesh)."""
-    take = lambda table, r: jnp.take(table, r, axis=0, mode="clip")
-    return to_device(on_host(jax.vmap(take), host, to_host(rows)))
+    return to_device(on_host(jax.vmap(_take_rows), host, to_host(rows)))

@@ -63,9 +63,8 @@ class ReKV(StreamMethod):
               long_scores: jax.Array | None) -> StreamLayer:
         # One block copy per buffer; slots past the valid tokens are rewritten by the next clip.
         start = (0, state.long_len, 0)
-        stored = lambda x: to_host(host_bits(x.astype(layer.short_k.dtype)))  # as `_place` keeps it
-        long_k = jax.lax.dynamic_update_slice(layer.long_k, stored(moved.k), start)
-        long_v = jax.lax.dynamic_update_slice(layer.long_v, stored(moved.v), start)
+        long_k = jax.lax.dynamic_update_slice(layer.long_k, self._place(moved.k.astype(layer.short_k.dtype)), start)
+        long_v = jax.lax.dynamic_update_slice(layer.long_v, self._place(moved.v.astype(layer.short_v.dtype)), start)
         local, counts = self._moved_frames(moved.valid, moved.frame)
         hkv, _, d = moved.k.shape
         sums = jnp.zeros((hkv, self.clip_frames + 1, d), jnp.float32).at[:, local].add(moved.k.astype(jnp.float32))
