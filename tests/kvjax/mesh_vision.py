@@ -5,7 +5,8 @@
 LLaVA-OneVision shape with random weights and byte tokens. For each mesh and on one device:
 where `shard_model` put the vision parameters, where a batch of frames is placed, the
 features of `encode_frames` for a batch that splits over `data` (3 frames, padded to 4) and
-one that does not (1 frame), and a LiveVLM stream of pixel frames with one question.
+one that does not (1 frame), the collectives of a compiled vision batch, and a LiveVLM
+stream of pixel frames with one question.
 
 Meshes: `data=2,model=2` (4 devices), where SigLIP's 2 heads, its 48-unit MLP and the 64-unit
 projector split; `data=2,model=4` (8 devices), where the heads replicate and the MLPs split.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from tests.kvjax.mesh_parity import ByteTokenizer, layout, mesh_axes  # first: it starts jax with 8 CPU devices
 
 import json  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
@@ -24,13 +26,15 @@ import numpy as np  # noqa: E402
 from kvjax import LiveVLM, StreamSession  # noqa: E402
 from kvjax.sharding import make_mesh, shard_model  # noqa: E402
 from models import llava_onevision as llava  # noqa: E402
-from models.vision_bundle import VisionLanguageModel  # noqa: E402
+from models.vision_bundle import VisionLanguageModel, _video_features  # noqa: E402
 from models.vision_preprocess import PreprocessConfig  # noqa: E402
 from tests.hf_tiny_llava import IMAGE_SIZE, TEXT, VISION  # noqa: E402
 
 MESHES = {"data=2,model=2": 4, "data=2,model=4": 8}  # spec -> devices used
 LIVE = LiveVLM(memory_tokens=32, short_frames=2, clip_frames=2, score_queries=8)
 FRAMES, NEW = 6, 8
+COLLECTIVE_OP = re.compile(r" (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(")
+RESULT_SHAPE = re.compile(r"\w+\[([\d,]*)\]")  # in an HLO line before its op: the result's shapes
 
 
 def tiny_vlm() -> VisionLanguageModel:
@@ -42,6 +46,25 @@ def tiny_vlm() -> VisionLanguageModel:
     preprocess = PreprocessConfig(size=(IMAGE_SIZE, IMAGE_SIZE), image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
     return VisionLanguageModel(config=config.text, params=params.text, tokenizer=ByteTokenizer(), name="tiny-vlm",
                                llava_config=config, llava_params=params, preprocess=preprocess)
+
+
+def weight_moves(model: VisionLanguageModel, mesh) -> list[str]:
+    """Collectives in the compiled vision batch (4 frames) that could move parameters: any
+    but an all-reduce or all-gather, or one whose result has a vision or projector
+    parameter's shape. The tower must run on the weight shards: its collectives are the
+    all-reduces after the row-parallel matmuls and the gather of the features."""
+    shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(model.llava_params.replace(text=None))}
+    pixels = model.place_pixels(np.zeros((4, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32))
+    hlo = _video_features.lower(model.llava_params, pixels, config=model.llava_config, mesh=mesh).compile().as_text()
+    moves = []
+    for line in hlo.splitlines():
+        op = COLLECTIVE_OP.search(line)
+        if op is None:
+            continue
+        results = {tuple(int(d) for d in dims.split(",") if d) for dims in RESULT_SHAPE.findall(line[:op.start()])}
+        if op.group(1) not in ("all-reduce", "all-gather") or results & shapes:
+            moves.append(line.strip()[:200])
+    return moves
 
 
 def run(model: VisionLanguageModel, frames: np.ndarray, mesh) -> dict:
@@ -62,6 +85,7 @@ def run(model: VisionLanguageModel, frames: np.ndarray, mesh) -> dict:
                                                          jax.tree_util.tree_leaves(sharded.params))),
             "frames_layout": {n: mesh_axes(sharded.place_pixels(pixels.repeat(n, 0))) for n in (1, 4)},
             "encoded_layout": {n: mesh_axes(x) for n, x in encoded.items()},
+            "weight_moves": weight_moves(sharded, mesh),
         }
     return result
 

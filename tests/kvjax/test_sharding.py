@@ -118,6 +118,8 @@ def test_vision_params_are_laid_out_on_the_mesh(vision):
     assert wide[".vision.layers[0].fc1_w"] == [[None, "model"], "device"]
     assert wide[".proj1_w"] == [[None, "model"], "device"]
     assert vision["data=2,model=2"]["text_is_params"] and vision["data=2,model=4"]["text_is_params"]
+    # The compiled tower runs on the weight shards: no collective moves a parameter.
+    assert vision["data=2,model=2"]["weight_moves"] == vision["data=2,model=4"]["weight_moves"] == []
 
 
 @pytest.mark.parametrize("mesh", MESHES)
