@@ -12,6 +12,10 @@ over that axis instead, e.g. 3 KV heads on `model=2`):
 - parameters: `wq` columns and `wo` rows by query head, `wk`/`wv` columns by KV head (the
   Q/K/V biases likewise), `w_gate`/`w_up` columns and `w_down` rows by MLP unit, the
   embedding rows and `lm_head` columns by token id, on `model`; norm weights replicated;
+- vision parameters (LLaVA-OneVision): SigLIP's `wq`/`wk`/`wv` columns and `wo` rows by head,
+  `fc1` columns and `fc2_w` rows by MLP unit, the projector's `proj1` columns and `proj2_w`
+  rows by hidden unit, on `model`; the rest replicated. A batch of frames splits over `data`
+  where it divides (`place_frames`), and the features come back replicated;
 - caches: each cache dataclass names its array dimensions (`kvjax.cache.axes`): `BATCH`
   goes on `data`, `HEADS` on `model`, every other dimension is replicated. Arrays in host
   memory (FreeKV's page pool, ClusterKV's clustered tokens, ReKV's frames) keep their
@@ -24,6 +28,7 @@ axis replicates it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,7 +42,9 @@ from kvjax.cache import BATCH, HEADS
 from kvjax.compat import make_auto_mesh
 from models.bundle import Model
 from models.config import ModelConfig
+from models.llava_onevision import LlavaOnevisionConfig, LlavaOnevisionParams
 from models.params import Params
+from models.vision_bundle import VisionLanguageModel
 
 DATA, MODEL = "data", "model"
 MESH_AXES = (DATA, MODEL)
@@ -91,29 +98,54 @@ def _split(mesh: Mesh, axis: str | None, size: int) -> str | None:
 # Parameters
 
 
+Rules = Mapping[str, tuple[str | None, ...]]  # parameter field name -> mesh axis of each dimension
+
+
+def _attention_rules(heads: str | None, kv_heads: str | None) -> Rules:
+    """Attention projections split by head: Q columns and O rows by query head, K/V columns by KV head."""
+    return {"wq": (None, heads), "wk": (None, kv_heads), "wv": (None, kv_heads), "wo": (heads, None),
+            "bq": (heads,), "bk": (kv_heads,), "bv": (kv_heads,)}
+
+
+def _by_name(tree: Any, rules: Rules, mesh: Mesh) -> Any:
+    """The `NamedSharding` of every array of a parameter pytree: the rule of the field that
+    holds it, replicated when its field has none."""
+
+    def sharding(path: tuple[Any, ...], _: Any) -> NamedSharding:
+        name = getattr(path[-1], "name", None)  # a dataclass field (GetAttrKey), not a list index
+        return NamedSharding(mesh, PartitionSpec(*rules.get(name, ())))
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
 def param_shardings(params: Params, config: ModelConfig, mesh: Mesh) -> Params:
-    """The `NamedSharding` of every parameter (a `Params` pytree of shardings).
+    """The `NamedSharding` of every decoder parameter (a `Params` pytree of shardings).
 
     Head dimensions split on head boundaries only: `wq` (`[D, Hq*d]`) splits when `Hq`
     divides by the model axis, whatever `Hq*d` does.
     """
     heads, kv_heads, mlp, vocab = (_split(mesh, MODEL, n) for n in (
         config.num_heads, config.num_kv_heads, config.intermediate_size, config.vocab_size))
-    rules = {
-        "wq": (None, heads), "wk": (None, kv_heads), "wv": (None, kv_heads), "wo": (heads, None),
-        "bq": (heads,), "bk": (kv_heads,), "bv": (kv_heads,),
+    return _by_name(params, {
+        **_attention_rules(heads, kv_heads),
         "w_gate": (None, mlp), "w_up": (None, mlp), "w_down": (mlp, None),
-    }
-    named = lambda *spec: NamedSharding(mesh, PartitionSpec(*spec))
-    layers = tuple(
-        layer.replace(**{f.name: named(*rules.get(f.name, ())) for f in dataclasses.fields(layer)
-                         if getattr(layer, f.name) is not None})
-        for layer in params.layers
-    )
-    return params.replace(
-        embed=named(vocab, None), layers=layers, final_norm=named(),
-        lm_head=None if params.lm_head is None else named(None, vocab),
-    )
+        "embed": (vocab, None), "lm_head": (None, vocab),
+    }, mesh)
+
+
+def vision_shardings(params: LlavaOnevisionParams, config: LlavaOnevisionConfig,
+                     mesh: Mesh) -> LlavaOnevisionParams:
+    """The `NamedSharding` of every LLaVA-OneVision parameter: the SigLIP tower's attention
+    by head and its MLP by unit, the projector (a 2-layer MLP) by hidden unit, on `model`;
+    the text decoder as `param_shardings`; everything else (embeddings, norms, the output
+    biases, `image_newline`) replicated."""
+    v = config.vision
+    heads, mlp, proj = (_split(mesh, MODEL, n) for n in (v.num_heads, v.intermediate_size, config.text.hidden_size))
+    tower_and_projector = _by_name(params.replace(text=None), {
+        **_attention_rules(heads, heads), "fc1_w": (None, mlp), "fc1_b": (mlp,), "fc2_w": (mlp, None),
+        "proj1_w": (None, proj), "proj1_b": (proj,), "proj2_w": (proj, None),
+    }, mesh)
+    return tower_and_projector.replace(text=param_shardings(params.text, config.text, mesh))
 
 
 def check_mesh(mesh: Any) -> None:
@@ -126,12 +158,20 @@ def check_mesh(mesh: Any) -> None:
 def shard_model(model: Model, mesh: Mesh) -> Model:
     """`model` with its parameters placed on `mesh` (a no-op for parameters already there).
 
+    A `VisionLanguageModel`'s vision tower and projector are placed too (its
+    `llava_params.text` stays the decoder's `params`, one copy), and its `encode_frames`
+    runs on the mesh: each batch of frames split over `data` where it divides.
     `kvjax.generate(..., mesh=mesh)` and `StreamSession(..., mesh=mesh)` place the parameters
     themselves; placing them once up front saves that copy on every call.
     """
     check_mesh(mesh)
     placed = jax.device_put(model.params, param_shardings(model.params, model.config, mesh))
-    return dataclasses.replace(model, params=placed)
+    if not isinstance(model, VisionLanguageModel):
+        return dataclasses.replace(model, params=placed)
+    shardings = vision_shardings(model.llava_params, model.llava_config, mesh)
+    vision = jax.device_put(model.llava_params.replace(text=None), shardings.replace(text=None))
+    return dataclasses.replace(model, params=placed, llava_params=vision.replace(text=placed),
+                               place_pixels=functools.partial(place_frames, mesh=mesh))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +242,12 @@ def place_batch(x: Any, mesh: Mesh | None) -> jax.Array:
     if mesh is None:
         return jnp.asarray(x)
     return jax.device_put(np.asarray(x), NamedSharding(mesh, PartitionSpec(DATA)))
+
+
+def place_frames(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A batch of host frames (`[T, ...]`, the same on every process) split over `data` where
+    `T` divides, else replicated: a vision batch need not match the mesh."""
+    return jax.device_put(np.asarray(x), NamedSharding(mesh, PartitionSpec(_split(mesh, DATA, len(x)))))
 
 
 def replicate(x: Any, mesh: Mesh | None) -> jax.Array:

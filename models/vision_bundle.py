@@ -5,25 +5,37 @@ A `kvjax.StreamSession` runs the text decoder of a `Model` and feeds pixel frame
 `VisionLanguageModel` is that bundle for LLaVA-OneVision: frames are preprocessed as the
 `transformers` video processor does (resize, rescale, normalise; `models.vision_preprocess`),
 encoded by SigLIP and the projector and pooled 2x2 (196 tokens per frame at 384 px), with no
-newline token (a stream has none: ALGORITHMS.md section 5).
+newline token (a stream has none: ALGORITHMS.md section 5). On a device mesh
+(`kvjax.sharding.shard_model`) the frames of a batch split over its `data` axis.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import llava_onevision as llava
 from models.bundle import Model
 from models.vision_preprocess import PreprocessConfig, preprocess_frames
 
 ENCODE_BATCH = 8  # frames per vision-tower call; shorter batches are padded to a power of two
-_video_features = jax.jit(llava.video_features, static_argnames=("config", "newline"))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+def _video_features(params: llava.LlavaOnevisionParams, pixels: jax.Array, *, config: llava.LlavaOnevisionConfig,
+                    mesh: Mesh | None) -> jax.Array:
+    """`llava.video_features` of a batch of frames; on a `mesh`, replicated: every device (and
+    process) gets the features whole, as the stream's host-side clip assembly reads them."""
+    x = llava.video_features(params, pixels, config=config)
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -33,6 +45,10 @@ class VisionLanguageModel(Model):
     llava_config: llava.LlavaOnevisionConfig
     llava_params: llava.LlavaOnevisionParams  # its `text` is `params`
     preprocess: PreprocessConfig
+    # Places a padded batch of preprocessed frames `[B, 3, S, S]` (a host array) for the vision
+    # tower. None: the default device. `kvjax.sharding.shard_model` sets it on a mesh, and the
+    # features come back replicated on the mesh of the placed frames.
+    place_pixels: Callable[[np.ndarray], jax.Array] | None = None
 
     def __post_init__(self) -> None:
         size = self.llava_config.vision.image_size
@@ -52,7 +68,9 @@ class VisionLanguageModel(Model):
             chunk = pixels[i : i + ENCODE_BATCH]
             padded = np.zeros((1 << (len(chunk) - 1).bit_length(), *chunk.shape[1:]), chunk.dtype)
             padded[: len(chunk)] = chunk
-            features = _video_features(self.llava_params, jnp.asarray(padded), config=self.llava_config)
+            batch = jnp.asarray(padded) if self.place_pixels is None else self.place_pixels(padded)
+            mesh = batch.sharding.mesh if isinstance(batch.sharding, NamedSharding) else None
+            features = _video_features(self.llava_params, batch, config=self.llava_config, mesh=mesh)
             out.append(features.reshape(len(padded), self.tokens_per_frame, -1)[: len(chunk)])
         return jnp.concatenate(out)
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+if TYPE_CHECKING:
+    from transformers import LlavaOnevisionForConditionalGeneration
+
 
 IMAGE_SIZE = 30
 PINPOINTS = [[30, 30], [30, 60], [60, 30], [60, 60], [60, 90], [90, 60], [90, 90]]
@@ -35,6 +36,9 @@ def save_tiny_llava(
     to `LlavaOnevisionConfig` (e.g. `vision_feature_layer`, `vision_aspect_ratio`). Norm weights
     and all biases are randomised so that every parameter affects the output.
     """
+    import torch  # here: the config constants above import without torch
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
     torch.manual_seed(seed)
     config = LlavaOnevisionConfig(vision_config=VISION | (vision_config or {}), text_config=TEXT | (text_config or {}),
                                   image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,

@@ -3,7 +3,9 @@
 The device tests run `tests/kvjax/mesh_parity.py` once, in a subprocess with 8 forced CPU
 devices (this process has initialised jax with one), on meshes `data=2,model=2` (4 devices,
 every dimension splits, offloading methods) and `data=2,model=4` (8 devices, KV heads and
-vocabulary replicated). Mesh specs and their errors are checked here directly.
+vocabulary replicated); `tests/kvjax/mesh_vision.py` likewise runs the LLaVA-OneVision
+vision path (parameter layout, `encode_frames`, a stream of pixel frames) on both meshes.
+Mesh specs and their errors are checked here directly.
 """
 
 from __future__ import annotations
@@ -23,13 +25,23 @@ MESHES = ("data=2,model=2", "data=2,model=4")
 REPO = Path(__file__).resolve().parents[2]
 
 
+def run_script(module: str) -> dict:
+    """The JSON that `python -m module` prints (a process with 8 CPU devices)."""
+    done = subprocess.run([sys.executable, "-m", module], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
 @pytest.fixture(scope="module")
 def parity() -> dict:
     """The JSON results of `mesh_parity.py` (one jax start-up for every mesh and method)."""
-    done = subprocess.run([sys.executable, "-m", "tests.kvjax.mesh_parity"], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    return run_script("tests.kvjax.mesh_parity")
+
+
+@pytest.fixture(scope="module")
+def vision() -> dict:
+    """The JSON results of `mesh_vision.py`: the LLaVA-OneVision vision path on each mesh."""
+    return run_script("tests.kvjax.mesh_vision")
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -89,6 +101,46 @@ def test_host_offload_copies_per_device(parity):
     assert found == {"clusterkv": [], "freekv": []}
     # ReKV's retrieval of host frames, heads split over `model`: per KV head as well.
     assert parity["data=2,model=2"]["rekv_retrieval_collectives"] == []
+
+
+def test_vision_params_are_laid_out_on_the_mesh(vision):
+    """SigLIP's attention by head and MLP by unit, the projector by hidden unit, on `model`
+    where they divide; `llava_params.text` is the placed decoder `params` itself."""
+    split, wide = vision["data=2,model=2"]["params"], vision["data=2,model=4"]["params"]
+    for name, spec in {"wq": [None, "model"], "bk": ["model"], "wo": ["model"], "bo": [],
+                       "fc1_w": [None, "model"], "fc2_w": ["model"], "ln1_w": []}.items():
+        assert split[f".vision.layers[1].{name}"] == [spec, "device"], name
+    assert split[".proj1_w"] == [[None, "model"], "device"] and split[".proj2_w"] == [["model"], "device"]
+    assert split[".vision.pos"] == split[".image_newline"] == [[], "device"]
+    assert split[".text.layers[0].wk"] == [[None, "model"], "device"]  # the decoder's rules
+    # model=4: SigLIP's 2 heads replicate, its 48 MLP units and the projector's 64 still split.
+    assert wide[".vision.layers[0].wq"] == [[], "device"]
+    assert wide[".vision.layers[0].fc1_w"] == [[None, "model"], "device"]
+    assert wide[".proj1_w"] == [[None, "model"], "device"]
+    assert vision["data=2,model=2"]["text_is_params"] and vision["data=2,model=4"]["text_is_params"]
+    # The compiled tower runs on the weight shards: no collective moves a parameter.
+    assert vision["data=2,model=2"]["weight_moves"] == vision["data=2,model=4"]["weight_moves"] == []
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_encode_frames_equals_single_device(vision, mesh):
+    """A batch of frames splits over `data` when it divides (4), else replicates (1); the
+    features come back replicated and equal to one device's (float32 sums in another order,
+    features up to ~40)."""
+    single, sharded = vision["single"], vision[mesh]
+    assert sharded["frames_layout"] == {"1": [], "4": ["data"]}
+    assert sharded["encoded_layout"] == {"1": [], "3": []}
+    for n in ("1", "3"):
+        np.testing.assert_allclose(sharded["encoded"][n], single["encoded"][n], atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_vision_stream_equals_single_device(vision, mesh):
+    """A LiveVLM stream of 6 pixel frames through the vision tower, then a question: the
+    same answer and first-token logits on the mesh as on one device."""
+    single, sharded = vision["single"], vision[mesh]
+    assert sharded["tokens"] == single["tokens"] and len(single["tokens"]) == 8
+    np.testing.assert_allclose(sharded["logits"], single["logits"], atol=1e-4, rtol=0)
 
 
 def test_batch_not_splitting_over_data_is_an_error(parity):
