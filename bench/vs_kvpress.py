@@ -232,6 +232,20 @@ def ours_from_accuracy(path: Path, samples: dict[str, Any], budgets: Sequence[in
     return out
 
 
+def ours_from_files(paths: Sequence[Path], samples: dict[str, Any], budgets: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """`ours_from_accuracy` over several files, by id: a prompt's methods come from every file
+    that ran it (runs with different method lists over the same prompts add up); where two
+    files ran the same method, the later file wins."""
+    ours: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for key, record in ours_from_accuracy(path, samples, budgets).items():
+            if key in ours:
+                record = {**record, "results": {**ours[key]["results"], **record["results"]},
+                          "source": f"{ours[key]['source']}, {record['source']}"}
+            ours[key] = record
+    return ours
+
+
 def kvpress_record(line: dict[str, Any], sample, decode) -> dict[str, Any]:
     """A worker's sample line, answers decoded by `decode` (our tokenizer) and scored here."""
     from kvjax.eval.tasks import score
@@ -614,13 +628,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def save() -> None:
         merge_worker_output(payload, answers, samples, decode)
-        for source in args.ours_from or ():
-            for key, record in ours_from_accuracy(source, samples, args.budgets).items():
-                target = next((x for x in payload["samples"] if x["id"] == key), None)
-                if target is None:
-                    target = base_record(key, samples[key])
-                    payload["samples"].append(target)
-                target["ours"] = record
+        for key, record in ours_from_files(args.ours_from or (), samples, args.budgets).items():
+            target = next((x for x in payload["samples"] if x["id"] == key), None)
+            if target is None:
+                target = base_record(key, samples[key])
+                payload["samples"].append(target)
+            target["ours"] = record
         if "logit_check" not in payload:
             found = logit_check(model, spec["check_ids"], logits_path)
             if found is not None:
@@ -693,7 +706,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="JSON path (default bench/results/vs_kvpress-<backend>-<date>.json)")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: the JSON path with .png)")
     p.add_argument("--ours-from", type=Path, nargs="+", default=None, metavar="JSON",
-                   help="take kvjax's side from bench/accuracy.py results (same prompts; a later file wins) "
+                   help="take kvjax's side from bench/accuracy.py results (same prompts; per method, a later file wins) "
                         "instead of running it; re-read while the kvpress side runs")
     p.add_argument("--first", nargs="*", default=[], metavar="TASK",
                    help="run these tasks' prompts before the others (e.g. to follow a passkey-only --ours-from run)")

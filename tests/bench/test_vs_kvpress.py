@@ -120,3 +120,14 @@ def test_ours_from_an_accuracy_run(dumped, tmp_path):
     with pytest.raises(SystemExit, match="another prompt"):
         bench.ours_from_accuracy(path, samples, [64])
     assert bench.ours_from_accuracy(tmp_path / "missing.json", samples, [64]) == {}
+    # A second run over the same prompt with another method adds to the first; a method both
+    # ran is taken from the later file.
+    second = tmp_path / "acc2.json"
+    freekv = {"full": {"answer": "w", "score": 0.0, "decode_s": 0.6, "steps": 3},
+              "freekv/64": {"answer": "v", "score": 1.0, "decode_s": 0.3, "steps": 3}}
+    path.write_text(json.dumps(other))
+    second.write_text(json.dumps({**other, "samples": [{**rec, "results": freekv}]}))
+    merged = bench.ours_from_files([path, second], samples, [64])["passkey/256/0"]
+    assert set(merged["results"]) == {"full", "clusterkv/64", "freekv/64"}
+    assert merged["results"]["full"]["score"] == 0.0 and merged["results"]["clusterkv/64"]["answer"] == "y"
+    assert merged["source"] == f"{path}, {second}"
