@@ -48,9 +48,7 @@ from kvjax.attention import decode_attention
 from kvjax.cache import BATCH, HEADS, Cache, axes
 from kvjax.generation import CAPACITY_ROUND, COMPILE_COUNTS, compiled
 from kvjax.methods.base import Method, to_head_major, write_token
-from kvjax.methods.stream_memory import (
-    Moved, Segment, StreamLayer, StreamLayout, StreamMethod, StreamState, TokenScores,
-)
+from kvjax.methods.stream_memory import Moved, Segment, StreamLayer, StreamLayout, StreamMethod, StreamState
 from models.config import ModelConfig
 from models.llama import apply_rope, rms_norm, rope_inv_freq
 from models.params import LayerParams, Params
@@ -231,20 +229,13 @@ def advance_layer(
     long_scores: jax.Array | None, fifo_scores: jax.Array | None, *, method: StreamMethod, layout: StreamLayout,
 ) -> StreamLayer:
     """One layer's memory after a clip: the clip's pre-RoPE k/v [Hkv, T, d] join the FIFO, the
-    tokens leaving it go to `method.store`. Scores (methods that `needs_scores`): this clip's
-    attention on the long-term slots [C] and on [short-term slots | clip slots], which
-    `method.accumulate` folds into the FIFO tokens' running scores."""
+    tokens leaving it go to `method.store`. Scores (methods that `needs_scores`): of the
+    long-term slots [C] and of [short-term slots | clip slots]."""
     plan = fifo_plan(state, frame, method, layout)
     both_k = jnp.concatenate([layer.short_k, k.astype(layer.short_k.dtype)], axis=1)
     both_v = jnp.concatenate([layer.short_v, v.astype(layer.short_v.dtype)], axis=1)
-    moved_scores = None
-    if fifo_scores is not None:
-        both = layer.short_scores.concatenate(TokenScores.zeros(k.shape[1]))
-        both = method.accumulate(both, fifo_scores)
-        moved_scores = both.take(plan.move)
-        layer = layer.replace(short_scores=both.take(plan.keep))
     moved = Moved(k=both_k[:, plan.move], v=both_v[:, plan.move], valid=plan.move_valid, frame=plan.move_frame,
-                  scores=moved_scores)
+                  scores=None if fifo_scores is None else fifo_scores[plan.move])
     layer = layer.replace(short_k=both_k[:, plan.keep], short_v=both_v[:, plan.keep])
     return method.store(layout, layer, state, moved, long_scores)
 

@@ -31,11 +31,10 @@ import jax.numpy as jnp
 
 from kvjax.methods.base import check_int
 from kvjax.methods.stream_memory import (
-    Moved, Segment, StreamLayer, StreamLayout, StreamMethod, StreamState, TokenScores, append_slots, mean_query,
+    Moved, Segment, StreamLayer, StreamLayout, StreamMethod, StreamState, append_slots, mean_query,
 )
 
 DEFAULT_MEMORY = 12288
-SCORE_ACCUMULATIONS = ("latest", "max", "sum", "mean")
 
 
 def vsb_keep(scores: jax.Array, n: jax.Array, m: int, sink: int, bucket_size: int) -> jax.Array:
@@ -105,7 +104,6 @@ class LiveVLM(StreamMethod):
     sink_fraction: float = 0.25
     bucket_size: int = 1
     score_queries: int = 196  # r: the last queries whose attention scores rank tokens
-    score_accumulation: str = "latest"  # how a token's scores from successive clips combine
     page_size: int = 16
     retrieve_ratio: float = 0.4
 
@@ -140,8 +138,6 @@ class LiveVLM(StreamMethod):
             check_int("memory_tokens", self.memory_tokens, 1)
         check_int("bucket_size", self.bucket_size, 1)
         check_int("score_queries", self.score_queries, 1)
-        if self.score_accumulation not in SCORE_ACCUMULATIONS:
-            raise ValueError(f"score_accumulation must be one of {SCORE_ACCUMULATIONS}, got {self.score_accumulation!r}")
         check_int("page_size", self.page_size, 1)
         if not isinstance(self.sink_fraction, (int, float)) or not 0.0 <= self.sink_fraction <= 1.0:
             raise ValueError(f"sink_fraction must be in [0, 1], got {self.sink_fraction!r}")
@@ -167,27 +163,15 @@ class LiveVLM(StreamMethod):
         retrieved = self.retrieved_capacity(self.long_capacity(layout, 0))
         return layout.init_tokens + retrieved + self.short_capacity(layout) + question_tokens
 
-    def accumulate(self, scores: TokenScores, latest: jax.Array) -> TokenScores:
-        seen = scores.seen + 1
-        value = {
-            "latest": lambda: latest,
-            "max": lambda: jnp.maximum(scores.value, latest),
-            "sum": lambda: scores.value + latest,
-            "mean": lambda: scores.value + (latest - scores.value) / seen,
-        }[self.score_accumulation]()
-        return TokenScores(value, seen)
-
     def store(self, layout: StreamLayout, layer: StreamLayer, state: StreamState, moved: Moved,
               long_scores: jax.Array | None) -> StreamLayer:
         appended = super().store(layout, layer, state, moved, None)
-        slot = append_slots(moved.valid, state.long_len, layer.long_k.shape[1])
-        scores = self.accumulate(layer.long_scores, long_scores)
-        scores = jax.tree.map(lambda old, new: old.at[slot].set(new, mode="drop"), scores, moved.scores)
+        cap = layer.long_k.shape[1]
+        scores = jnp.where(jnp.arange(cap) < state.long_len, long_scores, 0.0)
+        scores = scores.at[append_slots(moved.valid, state.long_len, cap)].set(moved.scores, mode="drop")
         m = self.memory(layout)
-        keep = vsb_keep(scores.value, state.long_len + moved.valid.sum(), m, int(self.sink_fraction * m),
-                        self.bucket_size)
-        return appended.replace(long_k=compact(appended.long_k, keep, axis=1), long_v=compact(appended.long_v, keep, axis=1),
-                                long_scores=jax.tree.map(lambda x: compact(x, keep, axis=0), scores))
+        keep = vsb_keep(scores, state.long_len + moved.valid.sum(), m, int(self.sink_fraction * m), self.bucket_size)
+        return appended.replace(long_k=compact(appended.long_k, keep), long_v=compact(appended.long_v, keep))
 
     def update_index(self, layout: StreamLayout, state: StreamState, valid: jax.Array, frame: jax.Array) -> StreamState:
         return state.replace(long_len=jnp.minimum(state.long_len + valid.sum(), self.memory(layout)))
@@ -206,8 +190,7 @@ class LiveVLM(StreamMethod):
         return layer.long_k[:, source], layer.long_v[:, source], valid
 
 
-def compact(x: jax.Array, keep: jax.Array, axis: int) -> jax.Array:
-    """x with the kept slots [C] of its `axis` moved to the front in order (the rest zeroed)."""
+def compact(x: jax.Array, keep: jax.Array) -> jax.Array:
+    """x [H, C, d] with the kept slots moved to the front in order (the rest zeroed)."""
     order = jnp.argsort(~keep, stable=True)
-    front = jnp.arange(keep.shape[0]) < keep.sum()
-    return jnp.where(jnp.expand_dims(front, [i for i in range(x.ndim) if i != axis]), jnp.take(x, order, axis=axis), 0)
+    return jnp.where((jnp.arange(keep.shape[0]) < keep.sum())[None, :, None], x[:, order], 0)

@@ -11,10 +11,6 @@ A `StreamMethod` decides what the long-term memory is: what a clip attends to wh
 encoded (`encode_memory`), how frames leaving the short-term FIFO are stored (`store`), and
 which long-term tokens a question attends to (`retrieve`). Everything has a static shape: the
 capacities live in `StreamLayout` and in the array shapes; validity comes from the lengths.
-
-Methods that `needs_scores` rank tokens by attention: every layer keeps a `TokenScores` per
-token of its long-term and short-term memory, updated after each clip by the method's
-`accumulate` and moved with the keys (empty for the other methods).
 """
 
 from __future__ import annotations
@@ -51,25 +47,6 @@ class StreamLayout:
 
 
 @struct.dataclass
-class TokenScores:
-    """Running attention scores of memory tokens: `value` [n] float32, the score a method
-    ranks them by; `seen` [n] float32, the clips that scored each token."""
-
-    value: jax.Array = axes(None)
-    seen: jax.Array = axes(None)
-
-    @classmethod
-    def zeros(cls, n: int) -> TokenScores:
-        return cls(jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
-
-    def take(self, index: jax.Array) -> TokenScores:
-        return TokenScores(self.value[index], self.seen[index])
-
-    def concatenate(self, other: TokenScores) -> TokenScores:
-        return TokenScores(jnp.concatenate([self.value, other.value]), jnp.concatenate([self.seen, other.seen]))
-
-
-@struct.dataclass
 class StreamLayer:
     """One decoder layer's stream memory; keys pre-RoPE, `[Hkv, slots, d]`."""
 
@@ -81,8 +58,6 @@ class StreamLayer:
     short_v: jax.Array = axes(HEADS, None, None)
     # [Hkv, F, d] mean pre-RoPE key per long-term frame (ReKV; F = 0 otherwise)
     frame_keys: jax.Array = axes(HEADS, None, None)
-    long_scores: TokenScores  # [C] per long-term slot (methods that `needs_scores`; 0 slots otherwise)
-    short_scores: TokenScores  # [S] per short-term slot (likewise)
 
 
 @struct.dataclass
@@ -112,7 +87,7 @@ class Moved:
     v: jax.Array
     valid: jax.Array  # [n] bool
     frame: jax.Array  # [n] int32 frame number, -1 when not valid
-    scores: TokenScores | None  # [n] their running scores (methods that `needs_scores`)
+    scores: jax.Array | None  # [n] float32 attention scores (methods that `needs_scores`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +104,7 @@ class StreamMethod:
     clip_frames: int = 8
 
     name: ClassVar[str] = "stream"
-    # `store` wants attention scores of the clip's last queries (such a method defines
-    # `accumulate` and keeps a fixed long-term capacity: `grow` leaves the scores as they are)
-    needs_scores: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = False  # `store` wants attention scores of the clip's last queries
     offloaded: ClassVar[bool] = False  # long-term K/V live in host memory
 
     # --- sizes -------------------------------------------------------------------------------
@@ -172,12 +145,10 @@ class StreamMethod:
         frames = self.frame_capacity(self.clip_frames)
         s = self.short_capacity(layout)
         zeros = lambda n: jnp.zeros((layout.num_kv_heads, n, layout.head_dim), layout.dtype)
-        scores = lambda n: TokenScores.zeros(n if self.needs_scores else 0)
         layer = lambda: StreamLayer(
             init_k=zeros(layout.init_tokens), init_v=zeros(layout.init_tokens),
             long_k=self._place(zeros(long_cap)), long_v=self._place(zeros(long_cap)),
             short_k=zeros(s), short_v=zeros(s), frame_keys=zeros(frames),
-            long_scores=scores(long_cap), short_scores=scores(s),
         )
         scalar = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
         return StreamState(
@@ -243,11 +214,6 @@ class StreamMethod:
         slot = append_slots(moved.valid, state.long_len, layer.long_k.shape[1])
         return layer.replace(long_k=layer.long_k.at[:, slot].set(moved.k, mode="drop"),
                              long_v=layer.long_v.at[:, slot].set(moved.v, mode="drop"))
-
-    def accumulate(self, scores: TokenScores, latest: jax.Array) -> TokenScores:
-        """Running scores after one more clip gave the tokens the scores `latest` [n] (methods
-        that `needs_scores`)."""
-        raise NotImplementedError(f"{self.name} keeps no attention scores")
 
     def update_index(self, layout: StreamLayout, state: StreamState, valid: jax.Array, frame: jax.Array) -> StreamState:
         """Shared bookkeeping after every layer's `store`: the new long-term length (and
