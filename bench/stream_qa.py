@@ -44,7 +44,7 @@ BASELINES = ("recent", "recent_attended", "fullvideo")
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """`KEY=VALUE,...` -> LiveVLM field overrides (values as Python literals)."""
+    """`KEY=VALUE,...` -> LiveVLM field overrides (values as Python literals, or strings)."""
     import ast
     import dataclasses
 
@@ -56,7 +56,10 @@ def parse_variant(text: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise ValueError(f"variant item {item!r} is not KEY=VALUE with KEY a LiveVLM field ({sorted(fields)})")
-        out[key] = ast.literal_eval(value)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value  # a bare word: vsb_score=keydiff
     return out
 
 
