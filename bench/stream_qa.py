@@ -22,6 +22,8 @@ Per stream (`--tokens` lengths, positions, `--seeds`):
     .venv/bin/python -m bench.stream_qa --tokens 6000 12000 --seeds 2
     .venv/bin/python -m bench.stream_qa --tokens 3000 --positions early --methods recent \
         --variants memory_tokens=1536 memory_tokens=1536,sink_fraction=1.0
+    .venv/bin/python -m bench.stream_qa --tokens 3000 --seeds 2 --methods recent fullvideo \
+        --variants memory_tokens=1536 memory_tokens=1536,vsb_score=keydiff
 """
 
 from __future__ import annotations

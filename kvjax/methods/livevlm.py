@@ -18,9 +18,9 @@ the mean of the long-term memory's unit keys, per KV head, averaged over the KV 
 (KeyDiff, Park et al., 2025), recomputed at each compression from the stored keys. The
 attention score suits video, where a scene stays in view and later frames keep attending its
 tokens. In a caption stream later lines attend the earlier lines that resemble them (the
-repeated caption words), not a one-off fact, so the latest clip ranks the fact's tokens at
-the bottom and VSB drops them; running scores over every clip that saw a token (max, sum or
-mean) did not change that. A one-off fact is what distinct keys single out (measured on
+repeated caption words), not a one-off fact, so attention ranks the fact's tokens with the
+filler and VSB thins them out; running scores over every clip that saw a token (max, sum)
+did not change that. A one-off fact is what distinct keys single out (measured on
 SmolLM2 caption streams: docs/methods/livevlm.md).
 
 At question time Position-agnostic Retrieval (PaR) splits the long-term pre-RoPE keys into

@@ -2,8 +2,8 @@
 
 Tiny random model (the `tiny_lm` fixture: 2 layers, 512 trained positions, the SmolLM2
 tokenizer): exactness against `FullVideo`, bounded device memory, discarded question KV, one
-compile per shape, clear errors. VSB and PaR against literal numpy references. One real-model
-test: a SmolLM2 caption stream with one early fact.
+compile per shape, clear errors. VSB, KeyDiff and PaR against literal numpy references. Two
+real-model tests: SmolLM2 caption streams with one early fact.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from kvjax.generation import COMPILE_COUNTS
 from kvjax.methods import Full
 from kvjax.methods.livevlm import key_distinctness, par_pages, vsb_keep
 from kvjax.methods.stream_memory import Moved, StreamLayout
-from kvjax.eval.stream_tasks import ANSWER_PREFIX, QUESTION as FACT_QUESTION, caption_stream
+from kvjax.eval.stream_tasks import ANSWER_PREFIX, QUESTION as FACT_QUESTION, caption_stream, lines_for_tokens
 from kvjax.stream import default_templates
 from kvjax.stream_forward import Executor, question
 from kvjax.video import read_video
@@ -331,7 +331,8 @@ def test_smollm2_livevlm_retrieves_an_early_fact_that_recent_memory_lost(smollm2
 
     M covers the stream here: with M below it, Vision Sink Bucketing evicts the fact's content
     words (measured: " door", " code", " written" gone at layer 0 at 1.5x-2x compression of a
-    2.3k-token stream) and the model answers a minute number instead.
+    2.3k-token stream) and the model answers a minute number instead, unless VSB ranks by
+    key distinctness (the next test).
     """
     stream = caption_stream(100, seed=0, fact_at=0.1)
     s = session(smollm2, LiveVLM(memory_tokens=2048), stream.lines)
@@ -345,6 +346,17 @@ def test_smollm2_livevlm_retrieves_an_early_fact_that_recent_memory_lost(smollm2
                       max_new_tokens=6)
     assert stream.correct(live.text), live.text
     assert not stream.correct(recent.text), recent.text
+
+
+@pytest.mark.slow
+def test_smollm2_keydiff_vsb_keeps_an_early_fact_that_attention_vsb_drops(smollm2):
+    """bench/stream_qa's 3k-token stream (seed 0, fact at 5%) at M = 1536 (1.7x compression):
+    VSB by attention thins out the fact's tokens and the model answers a minute number; VSB
+    by key distinctness keeps them."""
+    stream = caption_stream(lines_for_tokens(smollm2.tokenizer, 3000), seed=0, fact_at=0.05)
+    answers = {score: session(smollm2, LiveVLM(memory_tokens=1536, vsb_score=score), stream.lines).ask(
+        FACT_QUESTION, max_new_tokens=6, answer_prefix=ANSWER_PREFIX).text for score in ("attention", "keydiff")}
+    assert stream.correct(answers["keydiff"]) and not stream.correct(answers["attention"]), answers
 
 
 def test_rekv_bfloat16_host_frames_are_retrieved_exactly_without_converting_the_store():
