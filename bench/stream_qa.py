@@ -22,6 +22,8 @@ Per stream (`--tokens` lengths, positions, `--seeds`):
     .venv/bin/python -m bench.stream_qa --tokens 6000 12000 --seeds 2
     .venv/bin/python -m bench.stream_qa --tokens 3000 --positions early --methods recent \
         --variants memory_tokens=1536 memory_tokens=1536,sink_fraction=1.0
+    .venv/bin/python -m bench.stream_qa --tokens 3000 --seeds 2 --methods recent fullvideo \
+        --variants memory_tokens=1536 memory_tokens=1536,vsb_score=keydiff
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ BASELINES = ("recent", "recent_attended", "fullvideo")
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """`KEY=VALUE,...` -> LiveVLM field overrides (values as Python literals)."""
+    """`KEY=VALUE,...` -> LiveVLM field overrides (values as Python literals, or strings)."""
     import ast
     import dataclasses
 
@@ -56,7 +58,10 @@ def parse_variant(text: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise ValueError(f"variant item {item!r} is not KEY=VALUE with KEY a LiveVLM field ({sorted(fields)})")
-        out[key] = ast.literal_eval(value)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value  # a bare word: vsb_score=keydiff
     return out
 
 

@@ -12,6 +12,17 @@ holds more than `M` tokens, Vision Sink Bucketing (VSB) keeps exactly `M` of the
 - phase 2 walks the others by descending score and keeps one when its bucket has room, until
   `M` are kept (ties: the lower index first). Kept tokens stay in temporal order.
 
+Deviation (opt-in, `vsb_score="keydiff"`): VSB ranks tokens by how distinct their keys are
+instead of by attention: `S_j` is minus the cosine similarity of token `j`'s pre-RoPE key to
+the mean of the long-term memory's unit keys, per KV head, averaged over the KV heads
+(KeyDiff, Park et al., 2025), recomputed at each compression from the stored keys. The
+attention score suits video, where a scene stays in view and later frames keep attending its
+tokens. In a caption stream later lines attend the earlier lines that resemble them (the
+repeated caption words), not a one-off fact, so attention ranks the fact's tokens with the
+filler and VSB thins them out; running scores over every clip that saw a token (max, sum)
+did not change that. A one-off fact is what distinct keys single out (measured on
+SmolLM2 caption streams: docs/methods/livevlm.md).
+
 At question time Position-agnostic Retrieval (PaR) splits the long-term pre-RoPE keys into
 pages of `page_size`, scores each page's mean key against the question's mean pre-RoPE query,
 and keeps the top `retrieve_ratio` of the pages (ceil, in temporal order).
@@ -35,6 +46,7 @@ from kvjax.methods.stream_memory import (
 )
 
 DEFAULT_MEMORY = 12288
+VSB_SCORES = ("attention", "keydiff")
 
 
 def vsb_keep(scores: jax.Array, n: jax.Array, m: int, sink: int, bucket_size: int) -> jax.Array:
@@ -72,6 +84,19 @@ def vsb_keep(scores: jax.Array, n: jax.Array, m: int, sink: int, bucket_size: in
     return jnp.where(n > m, phase1 | phase2, valid)
 
 
+def key_distinctness(keys: jax.Array, n: jax.Array) -> jax.Array:
+    """KeyDiff score of the first `n` tokens (higher: more distinct; the rest are unspecified).
+
+    keys: [Hkv, C, d] pre-RoPE. Minus the cosine similarity of each key to the mean unit key
+    of the `n` tokens in its head, averaged over KV heads. Returns [C] float32.
+    """
+    unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    k = unit(keys.astype(jnp.float32))
+    valid = jnp.arange(keys.shape[1]) < n
+    anchor = unit(jnp.where(valid[None, :, None], k, 0.0).sum(axis=1))
+    return -jnp.einsum("hcd,hd->c", k, anchor) / keys.shape[0]
+
+
 def retrieved_pages(n_pages: jax.Array, ratio: float) -> jax.Array:
     """Pages PaR keeps out of `n_pages`: ceil(ratio * n_pages) (float32, 1e-6 slack)."""
     return jnp.ceil(ratio * n_pages.astype(jnp.float32) - 1e-6).astype(jnp.int32)
@@ -106,9 +131,13 @@ class LiveVLM(StreamMethod):
     score_queries: int = 196  # r: the last queries whose attention scores rank tokens
     page_size: int = 16
     retrieve_ratio: float = 0.4
+    vsb_score: str = "attention"  # what VSB ranks tokens by: "attention" (the spec) or "keydiff"
 
     name = "livevlm"
-    needs_scores = True
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.vsb_score == "attention"
 
     def memory(self, layout: StreamLayout) -> int:
         """M: the long-term tokens kept per layer (the default capped to the context)."""
@@ -138,6 +167,8 @@ class LiveVLM(StreamMethod):
             check_int("memory_tokens", self.memory_tokens, 1)
         check_int("bucket_size", self.bucket_size, 1)
         check_int("score_queries", self.score_queries, 1)
+        if self.vsb_score not in VSB_SCORES:
+            raise ValueError(f"vsb_score must be one of {VSB_SCORES}, got {self.vsb_score!r}")
         check_int("page_size", self.page_size, 1)
         if not isinstance(self.sink_fraction, (int, float)) or not 0.0 <= self.sink_fraction <= 1.0:
             raise ValueError(f"sink_fraction must be in [0, 1], got {self.sink_fraction!r}")
@@ -166,11 +197,14 @@ class LiveVLM(StreamMethod):
     def store(self, layout: StreamLayout, layer: StreamLayer, state: StreamState, moved: Moved,
               long_scores: jax.Array | None) -> StreamLayer:
         appended = super().store(layout, layer, state, moved, None)
-        cap = layer.long_k.shape[1]
-        scores = jnp.where(jnp.arange(cap) < state.long_len, long_scores, 0.0)
-        scores = scores.at[append_slots(moved.valid, state.long_len, cap)].set(moved.scores, mode="drop")
+        n = state.long_len + moved.valid.sum()
+        if self.vsb_score == "keydiff":
+            scores = key_distinctness(appended.long_k, n)
+        else:
+            slot = append_slots(moved.valid, state.long_len, layer.long_k.shape[1])
+            scores = long_scores.at[slot].set(moved.scores, mode="drop")
         m = self.memory(layout)
-        keep = vsb_keep(scores, state.long_len + moved.valid.sum(), m, int(self.sink_fraction * m), self.bucket_size)
+        keep = vsb_keep(scores, n, m, int(self.sink_fraction * m), self.bucket_size)
         return appended.replace(long_k=compact(appended.long_k, keep), long_v=compact(appended.long_v, keep))
 
     def update_index(self, layout: StreamLayout, state: StreamState, valid: jax.Array, frame: jax.Array) -> StreamState:

@@ -65,6 +65,7 @@ def test_variants_parse_livevlm_fields_and_name_bad_ones():
     assert overrides == {"memory_tokens": 1536, "sink_fraction": 1.0}
     assert stream_qa.variant_label(overrides) == "livevlm[memory_tokens=1536,sink_fraction=1.0]"
     assert stream_qa.variant_label(stream_qa.parse_variant("")) == "livevlm"
+    assert stream_qa.parse_variant("vsb_score=keydiff") == {"vsb_score": "keydiff"}
     with pytest.raises(ValueError, match="memory_token"):
         stream_qa.parse_variant("memory_token=1536")
     with pytest.raises(SystemExit):

@@ -65,6 +65,7 @@ MESHES = {  # spec -> (devices used, offload variants)
     "data=2,model=4": (8, False),
 }
 LIVE = LiveVLM(memory_tokens=32, short_frames=2, clip_frames=2, score_queries=8)
+LIVES = (LIVE, dataclasses.replace(LIVE, vsb_score="keydiff"))  # streams alternate between them
 STREAMS, FRAMES = 4, 8
 
 
@@ -162,11 +163,11 @@ def run(model, prompts, methods, mesh) -> dict:
 
 
 def run_streams(model, mesh) -> dict:
-    """Four text streams through LiveVLM, one question each."""
+    """Four text streams through LiveVLM (VSB by attention, then by KeyDiff), one question each."""
     before = COMPILE_COUNTS.copy()
     tokens, logits = [], []
     for s in range(STREAMS):
-        session = StreamSession(model, LIVE, frame_tokens=32, mesh=mesh)
+        session = StreamSession(model, LIVES[s % 2], frame_tokens=32, mesh=mesh)
         for i in range(FRAMES):
             session.add_text(f"Minute {i + 1}: car {7 * s + i} passed.\n")
         answer = session.ask(f"Which car came after car {7 * s + 3}?", max_new_tokens=NEW)

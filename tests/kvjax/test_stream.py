@@ -2,8 +2,8 @@
 
 Tiny random model (the `tiny_lm` fixture: 2 layers, 512 trained positions, the SmolLM2
 tokenizer): exactness against `FullVideo`, bounded device memory, discarded question KV, one
-compile per shape, clear errors. VSB and PaR against literal numpy references. One real-model
-test: a SmolLM2 caption stream with one early fact.
+compile per shape, clear errors. VSB, KeyDiff and PaR against literal numpy references. Two
+real-model tests: SmolLM2 caption streams with one early fact.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import pytest
 from kvjax import FullVideo, LiveVLM, ReKV, StreamingLLM, StreamSession, generate
 from kvjax.generation import COMPILE_COUNTS
 from kvjax.methods import Full
-from kvjax.methods.livevlm import par_pages, vsb_keep
-from kvjax.eval.stream_tasks import ANSWER_PREFIX, QUESTION as FACT_QUESTION, caption_stream
+from kvjax.methods.livevlm import key_distinctness, par_pages, vsb_keep
+from kvjax.methods.stream_memory import Moved, StreamLayout
+from kvjax.eval.stream_tasks import ANSWER_PREFIX, QUESTION as FACT_QUESTION, caption_stream, lines_for_tokens
 from kvjax.stream import default_templates
 from kvjax.stream_forward import Executor, question
 from kvjax.video import read_video
@@ -113,15 +114,51 @@ def test_par_selects_top_pages(n, ratio):
     np.testing.assert_array_equal(np.repeat(pages, 16) & (np.arange(160) < n), par_reference(keys, n, query, 16, ratio))
 
 
+def test_key_distinctness_is_minus_the_cosine_to_the_mean_unit_key():
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((2, 40, 8)).astype(np.float32)
+    unit = keys / np.linalg.norm(keys, axis=-1, keepdims=True)
+    anchor = unit[:, :30].mean(axis=1)
+    anchor /= np.linalg.norm(anchor, axis=-1, keepdims=True)
+    expected = -np.einsum("hcd,hd->c", unit, anchor) / 2
+    got = np.asarray(jax.jit(key_distinctness)(jnp.asarray(keys), jnp.int32(30)))
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("vsb_score,kept", [("attention", False), ("keydiff", True)])
+def test_keydiff_keeps_a_distinct_token_that_later_clips_do_not_attend(vsb_score, kept):
+    """Token 1's key points away from the others' and later clips pay it no attention. When VSB
+    must evict, the spec's attention score drops it (token 0 wins their bucket); KeyDiff keeps it."""
+    layout = StreamLayout(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, init_tokens=4, frame_tokens=4,
+                          max_position=4096)
+    method = LiveVLM(memory_tokens=8, page_size=4, short_frames=1, clip_frames=1, vsb_score=vsb_score)
+    state = method.init_state(layout)
+    layer, state = state.layers[0], state.replace(layers=())
+    rng = np.random.default_rng(0)
+    keys = np.array([1.0, 0.0, 0.0, 0.0]) + 0.1 * rng.standard_normal((12, 4))  # alike
+    keys[1] = [0.0, 0.0, 1.0, 0.0]
+    values = np.arange(12.0)[:, None].repeat(4, axis=1)  # token i's value holds i
+    for clip in range(3):  # 4 tokens move each clip: 12 > M = 8 after the third
+        part = slice(4 * clip, 4 * clip + 4)
+        moved = Moved(k=jnp.asarray(keys[None, part], jnp.float32), v=jnp.asarray(values[None, part], jnp.float32),
+                      valid=jnp.ones(4, bool), frame=jnp.full(4, clip), scores=jnp.full(4, 0.3))
+        latest = jnp.where(jnp.arange(layer.long_k.shape[1]) == 1, 0.0, 0.2)  # this clip's attention on long-term slots
+        layer = method.store(layout, layer, state, moved, latest if method.needs_scores else None)
+        state = method.update_index(layout, state, moved.valid, moved.frame)
+    kept_tokens = np.asarray(layer.long_v[0, : int(state.long_len), 0])
+    assert len(kept_tokens) == 8 and (1 in kept_tokens) == kept, kept_tokens
+
+
 # --- sessions on the tiny model -------------------------------------------------------------
 
 
-def test_livevlm_covering_everything_equals_full_video(tiny_lm):
+@pytest.mark.parametrize("vsb_score", ["attention", "keydiff"])
+def test_livevlm_covering_everything_equals_full_video(tiny_lm, vsb_score):
     """M above the stream and retrieve_ratio=1: the same tokens at the same positions."""
     lines = captions(16, seed=1)
     full = session(tiny_lm, FULL, lines).ask(QUESTION, max_new_tokens=NEW)
-    live = session(tiny_lm, LiveVLM(memory_tokens=320, retrieve_ratio=1.0, **SMALL), lines).ask(
-        QUESTION, max_new_tokens=NEW)
+    live = session(tiny_lm, LiveVLM(memory_tokens=320, retrieve_ratio=1.0, vsb_score=vsb_score, **SMALL),
+                   lines).ask(QUESTION, max_new_tokens=NEW)
     np.testing.assert_allclose(live.logits, full.logits, atol=1e-4, rtol=0)
     assert live.tokens == full.tokens and len(live.tokens) == NEW
     assert live.stats["attended_memory_tokens"] == full.stats["attended_memory_tokens"]
@@ -205,6 +242,8 @@ def test_bad_inputs_name_the_parameter(tiny_lm):
         StreamSession(tiny_lm, Full())
     with pytest.raises(ValueError, match="retrieve_ratio must be in"):
         StreamSession(tiny_lm, LiveVLM(retrieve_ratio=0.0, **SMALL), frame_tokens=FRAME_TOKENS)
+    with pytest.raises(ValueError, match=r"vsb_score must be one of \('attention', 'keydiff'\), got 'novelty'"):
+        StreamSession(tiny_lm, LiveVLM(vsb_score="novelty", **SMALL), frame_tokens=FRAME_TOKENS)
     with pytest.raises(ValueError, match="memory_tokens=4096 does not fit"):
         StreamSession(tiny_lm, LiveVLM(memory_tokens=4096, **SMALL), frame_tokens=FRAME_TOKENS)
     with pytest.raises(ValueError, match="short_frames must be an integer >= 1"):
@@ -292,7 +331,8 @@ def test_smollm2_livevlm_retrieves_an_early_fact_that_recent_memory_lost(smollm2
 
     M covers the stream here: with M below it, Vision Sink Bucketing evicts the fact's content
     words (measured: " door", " code", " written" gone at layer 0 at 1.5x-2x compression of a
-    2.3k-token stream) and the model answers a minute number instead.
+    2.3k-token stream) and the model answers a minute number instead, unless VSB ranks by
+    key distinctness (the next test).
     """
     stream = caption_stream(100, seed=0, fact_at=0.1)
     s = session(smollm2, LiveVLM(memory_tokens=2048), stream.lines)
@@ -308,13 +348,22 @@ def test_smollm2_livevlm_retrieves_an_early_fact_that_recent_memory_lost(smollm2
     assert not stream.correct(recent.text), recent.text
 
 
+@pytest.mark.slow
+def test_smollm2_keydiff_vsb_keeps_an_early_fact_that_attention_vsb_drops(smollm2):
+    """bench/stream_qa's 3k-token stream (seed 0, fact at 5%) at M = 1536 (1.7x compression):
+    VSB by attention thins out the fact's tokens and the model answers a minute number; VSB
+    by key distinctness keeps them."""
+    stream = caption_stream(lines_for_tokens(smollm2.tokenizer, 3000), seed=0, fact_at=0.05)
+    answers = {score: session(smollm2, LiveVLM(memory_tokens=1536, vsb_score=score), stream.lines).ask(
+        FACT_QUESTION, max_new_tokens=6, answer_prefix=ANSWER_PREFIX).text for score in ("attention", "keydiff")}
+    assert stream.correct(answers["keydiff"]) and not stream.correct(answers["attention"]), answers
+
+
 def test_rekv_bfloat16_host_frames_are_retrieved_exactly_without_converting_the_store():
     """ReKV keeps bfloat16 long-term K/V in host memory as their uint16 bits: retrieval returns
     the chosen frames' exact tokens per KV head, and the compiled store + retrieval convert
     no whole host array to float32 (XLA's CPU backend computes bfloat16 in float32)."""
     import re
-
-    from kvjax.methods.stream_memory import Moved, StreamLayout
 
     layout = StreamLayout(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, init_tokens=4, frame_tokens=4,
                           max_position=4096, dtype=jnp.bfloat16)
