@@ -191,6 +191,7 @@ STREAM_HYPERPARAMETERS = {
     "page_size": int,
     "retrieve_ratio": float,
     "retrieve_frames": int,
+    "vsb_score": str,  # LiveVLM: "attention" (the spec) or "keydiff" (distinct keys; for text-like streams)
 }
 
 

@@ -135,6 +135,15 @@ def test_stream_argument_errors(tmp_path, tiny_video):
             main(["stream", *argv])
 
 
+def test_stream_flags_build_the_method():
+    from kvjax import LiveVLM
+    from kvjax.cli import _stream_method, build_parser
+
+    args = build_parser().parse_args(["stream", "--video", "v.mp4", "--model", "m", "--memory-tokens", "64",
+                                      "--vsb-score", "keydiff", "--retrieve-ratio", "0.5"])
+    assert _stream_method(args) == LiveVLM(memory_tokens=64, vsb_score="keydiff", retrieve_ratio=0.5)
+
+
 def test_stream_answers_questions_after_the_video(tiny_vlm, tiny_llava_dir, tiny_video, capsys):
     video = tiny_video[0]
     argv = ["stream", "--video", str(video), "--model", str(tiny_llava_dir), *STREAM_FLAGS]
