@@ -165,7 +165,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[6000, 12000], help="stream lengths (about)")
     p.add_argument("--positions", nargs="+", choices=list(POSITIONS), default=list(POSITIONS))
-    p.add_argument("--seeds", type=int, default=3, help="streams per length and position (seeds 0..n-1)")
+    p.add_argument("--seeds", type=int, default=3, help="streams per length and position")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1 (to add seeds to a run)")
     p.add_argument("--methods", nargs="+", choices=BASELINES, default=list(BASELINES), help="compared with LiveVLM")
     p.add_argument("--variants", nargs="+", default=[""], metavar="KEY=VALUE,...",
                    help="LiveVLM configurations ('' : the defaults; default: only that)")
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     rows: list[dict[str, Any]] = []
     save = lambda: save_result(output, "stream_qa", env, settings, rows, {"summary": summarize(rows)})
     for tokens in args.tokens:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for position in args.positions:
                 row = run_one(model, tokens, position, seed, args.methods, variants)
                 rows.append(row)
