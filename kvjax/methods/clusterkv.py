@@ -308,15 +308,17 @@ class ClusterKV(SparseMethod):
     def select(self, q, cache: ClusterLayerCache):
         """Positions [B, Hq, budget - sink] of the selected tokens and their validity."""
         index, valid = self.select_index(q, cache)
-        b, hq, n = index.shape
-        hkv = cache.order.shape[1]
+        b, hs, n = index.shape
+        hq, hkv = q.shape[1], cache.order.shape[1]
         # Look the slots up in the KV head's sorted positions (no per-query-head copy).
-        positions = jnp.take_along_axis(cache.order, index.reshape(b, hkv, -1), axis=-1)
-        return positions.reshape(b, hq, n), valid
+        positions = jnp.take_along_axis(cache.order, index.reshape(b, hkv, -1), axis=-1).reshape(b, hs, n)
+        per_query_head = lambda x: jnp.repeat(x, hq // hs, axis=1)
+        return per_query_head(positions), per_query_head(valid)
 
     def select_index(self, q, cache: ClusterLayerCache):
-        """Index entries [B, Hq, budget - sink] of the selected tokens (their cache slot minus
-        `sink`) and their validity.
+        """Index entries [B, Hs, budget - sink] of the selected tokens (their cache slot minus
+        `sink`) and their validity, per selection head: Hs = Hq, or Hkv with
+        `selection="kv_head"` (one selection shared by a KV head's query heads).
 
         Ranking all C clusters is an exact sort, but XLA's CPU sort is slow; the budget is
         usually filled by the first few ranked clusters. So the top `candidates` clusters
@@ -329,8 +331,10 @@ class ClusterKV(SparseMethod):
         g = hq // hkv
         scores = pk.centroid_scores(q, cache.centroids, cache.sizes > 0, impl=self.impl)
         if self.selection == "kv_head":
-            scores = jnp.repeat(scores.reshape(b, hkv, g, -1).mean(axis=2), g, axis=1)
-        sizes = jnp.repeat(cache.sizes, g, axis=1)  # [B, Hq, C]
+            scores, sizes = scores.reshape(b, hkv, g, -1).mean(axis=2), cache.sizes  # [B, Hkv, C]
+        else:
+            sizes = jnp.repeat(cache.sizes, g, axis=1)  # [B, Hq, C]
+        hs = scores.shape[1]
         starts = prefix_sum(sizes) - sizes
         n = self.budget - self.sink
         num_clusters = scores.shape[-1]
@@ -343,8 +347,8 @@ class ClusterKV(SparseMethod):
             ends = prefix_sum(ranked_sizes)
             slots = jnp.arange(n, dtype=jnp.int32)
             # Rank holding each slot = number of clusters ending at or before it.
-            marks = jnp.zeros((b, hq, n + 1), jnp.int32).at[
-                jnp.arange(b)[:, None, None], jnp.arange(hq)[None, :, None], jnp.minimum(ends, n)
+            marks = jnp.zeros((b, hs, n + 1), jnp.int32).at[
+                jnp.arange(b)[:, None, None], jnp.arange(hs)[None, :, None], jnp.minimum(ends, n)
             ].add(1)
             rank = jnp.minimum(prefix_sum(marks)[..., :n], ranked.shape[-1] - 1)
             before = jnp.take_along_axis(ends - ranked_sizes, rank, axis=-1)
@@ -364,10 +368,8 @@ class ClusterKV(SparseMethod):
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         slots = cache.k.shape[2]
         cache = self.cluster_full_windows(layer, cache, lengths)
-        index, selected = self.select_index(q, cache)
+        index, selected = self.select_index(q, cache)  # per recall head
         if self.offload:
-            step = q.shape[1] // cache.recall.k.shape[1]  # kv_head: one selection per group
-            index, selected = index[:, ::step], selected[:, ::step]
             cache = cache.replace(recall=self._recall(cache, index, selected))
             chosen = attention_part(q, cache.recall.k, cache.recall.v, selected)
             # The window sits after the sinks: slot sink + i holds position window_start + i.
@@ -375,7 +377,15 @@ class ClusterKV(SparseMethod):
             first_slot, first_pos = jnp.full_like(lengths, self.sink), cache.window_start
             write_slot = jnp.where(lengths < self.sink, lengths, self.sink + lengths - cache.window_start)
         else:
-            chosen = pk.sparse_decode_attention(q, cache.k, cache.v, self.sink + index, selected, impl=self.impl)
+            if self.selection == "kv_head" and self.impl == "xla":
+                # One gather per KV head, attended by its query heads (the per-query-head
+                # kernel would gather the same rows once per query head).
+                gather = lambda x: jnp.take_along_axis(x, (self.sink + index)[..., None], axis=2)
+                chosen = attention_part(q, gather(cache.k), gather(cache.v), selected)
+            else:
+                per_query_head = lambda x: jnp.repeat(x, q.shape[1] // x.shape[1], axis=1)
+                chosen = pk.sparse_decode_attention(q, cache.k, cache.v, per_query_head(self.sink + index),
+                                                    per_query_head(selected), impl=self.impl)
             w = min(self.window, slots)
             first_slot = first_pos = jnp.clip(cache.window_start, 0, slots - w)
             write_slot = lengths
