@@ -220,18 +220,31 @@ def run_perplexity(model, tokens: list[int], length: int, positions: int,
     return rows
 
 
+def same_answer(a: str, b: str) -> bool:
+    """Whether two generated answers are the same text (surrounding whitespace aside)."""
+    return a.strip() == b.strip()
+
+
 def accuracy_table(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (task, length, method, budget): score sum, fully-correct count, total, mean score."""
+    """Per (task, length, method, budget): score sum, fully-correct count, total, mean score,
+    and how often the method generated Full's answer (fidelity to the uncompressed cache,
+    which still compares methods where the model cannot do a task)."""
     groups: dict[tuple, list[float]] = defaultdict(list)
+    agree: dict[tuple, list[bool]] = defaultdict(list)
     for s in samples:
+        full = s["results"].get("full")
         for key, r in s["results"].items():
             groups[(s["task"], s["length"], key)].append(r["score"])
+            if full is not None:
+                agree[(s["task"], s["length"], key)].append(same_answer(r["answer"], full["answer"]))
     rows = []
     for (task, length, key), scores in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _key_order(kv[0][2]))):
         name, _, budget = key.partition("/")
+        same = agree.get((task, length, key), [])
         rows.append({"task": task, "length": length, "method": name, "budget": int(budget) if budget else None,
                      "correct": sum(x == 1.0 for x in scores), "score_sum": float(sum(scores)),
-                     "total": len(scores), "accuracy": float(np.mean(scores))})
+                     "total": len(scores), "accuracy": float(np.mean(scores)),
+                     "same_as_full": sum(same), "compared_with_full": len(same)})
     return rows
 
 
@@ -407,7 +420,7 @@ def _pct(x: float) -> str:
 
 def markdown_tables(payload: dict[str, Any]) -> str:
     """Accuracy (%) per task and length: methods x budgets; then perplexity fidelity."""
-    acc = payload.get("accuracy") or accuracy_table(payload.get("samples", []))
+    acc = accuracy_table(payload["samples"]) if payload.get("samples") else payload.get("accuracy", [])
     out: list[str] = []
     if acc:
         budgets = sorted({r["budget"] for r in acc if r["budget"] is not None})
@@ -454,8 +467,9 @@ def markdown_tables(payload: dict[str, Any]) -> str:
                    "every budget): " + ("holds in every cell." if not checks else
                                         f"{len(checks)} exception(s):\n" + "\n".join(f"- {c}" for c in checks)))
         if uninformative:
-            out.append("Full scores 0 (the model cannot do the task at all, so the methods cannot be "
-                       "compared) on: " + ", ".join(uninformative) + ".")
+            out.append("Full scores 0 (the model cannot do the task at all, so accuracy cannot compare "
+                       "the methods) on: " + ", ".join(uninformative) + ".")
+            out.append(same_as_full_table(cells, uninformative, budgets))
     ppl = payload.get("perplexity") or []
     if ppl:
         budgets = sorted({int(r["method"].split("/")[1]) for r in ppl if "/" in r["method"]})
@@ -477,6 +491,23 @@ def markdown_tables(payload: dict[str, Any]) -> str:
                     out.append(f"| {length} | {DISPLAY[name]} | " + " | ".join(row) + " |")
     if payload.get("perplexity_skipped"):
         out.append(f"\nPerplexity skipped: {payload['perplexity_skipped']}")
+    return "\n".join(out)
+
+
+def same_as_full_table(cells: dict[tuple, dict], where: list[str], budgets: list[int]) -> str:
+    """Share of samples (%) in which a method generated exactly Full's answer, for the
+    "task length" cells in `where`: fidelity to the uncompressed cache where accuracy is 0."""
+    out = ["\nSame answer as Full (%, whitespace aside) where Full scores 0:\n",
+           "| task | length | method | " + " | ".join(str(b) for b in budgets) + " |",
+           "|---|---:|---|" + "---:|" * len(budgets)]
+    for cell in where:
+        task, length = cell.rsplit(" ", 1)
+        for name in METHOD_NAMES[1:]:
+            row = [cells.get((task, int(length), name, b)) for b in budgets]
+            if any(r and r.get("compared_with_full") for r in row):
+                out.append(f"| {task} | {length} | {DISPLAY[name]} | " + " | ".join(
+                    _pct(r["same_as_full"] / r["compared_with_full"]) if r and r.get("compared_with_full") else "-"
+                    for r in row) + " |")
     return "\n".join(out)
 
 
@@ -503,7 +534,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
     except ImportError as e:
         log(f"# no plot: matplotlib does not import ({e})")
         return None
-    acc = payload.get("accuracy") or accuracy_table(payload.get("samples", []))
+    acc = accuracy_table(payload["samples"]) if payload.get("samples") else payload.get("accuracy", [])
     ppl = payload.get("perplexity") or []
     tasks = _task_order(payload, acc)
     acc_lengths = sorted({r["length"] for r in acc})

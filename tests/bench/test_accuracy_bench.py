@@ -58,6 +58,9 @@ def test_json_schema_and_invalid_budgets(tiny_run):
         scores = [s["results"][key]["score"] for s in saved["samples"] if s["task"] == row["task"]]
         assert row["total"] == 2 and row["correct"] == sum(x == 1.0 for x in scores)
         assert row["accuracy"] == pytest.approx(sum(scores) / 2)
+        same = [s["results"][key]["answer"].strip() == s["results"]["full"]["answer"].strip()
+                for s in saved["samples"] if s["task"] == row["task"]]
+        assert (row["same_as_full"], row["compared_with_full"]) == (sum(same), 2)
     assert len(saved["accuracy"]) == 2 * len(runs)
 
 
@@ -99,6 +102,17 @@ def test_report_table_and_plot(tiny_run, capsys):
     assert "Perplexity fidelity" in table and "| 200 | Full |" in table
     pytest.importorskip("matplotlib")
     assert png.stat().st_size > 1000
+
+
+def test_same_as_full_table_where_full_scores_zero():
+    sample = lambda seed, full, ckv: {"task": "niah_multikey", "length": 4096, "seed": seed, "results": {
+        "full": {"answer": full, "score": 0.0}, "clusterkv/256": {"answer": ckv, "score": 0.0}}}
+    samples = [sample(0, " 123.", "123. "), sample(1, " 456.", " 789."), sample(2, " 1.", " 1.\n")]
+    payload = {"samples": samples, "settings": {"tasks": ["niah_multikey"]}}
+    (ckv,) = [r for r in bench.accuracy_table(samples) if r["method"] == "clusterkv"]
+    assert (ckv["same_as_full"], ckv["compared_with_full"]) == (2, 3)
+    table = bench.markdown_tables(payload)
+    assert "Full scores 0" in table and "| niah_multikey | 4096 | ClusterKV | 67 |" in table
 
 
 def test_depths_spread_over_the_context():
