@@ -4,13 +4,15 @@ The device tests run `tests/kvjax/mesh_parity.py` once, in a subprocess with 8 f
 devices (this process has initialised jax with one), on meshes `data=2,model=2` (4 devices,
 every dimension splits, offloading methods) and `data=2,model=4` (8 devices, KV heads and
 vocabulary replicated); `tests/kvjax/mesh_vision.py` likewise runs the LLaVA-OneVision
-vision path (parameter layout, `encode_frames`, a stream of pixel frames) on both meshes.
-Mesh specs and their errors are checked here directly.
+vision path (parameter layout, `encode_frames`, a stream of pixel frames) on both meshes,
+and `tests/kvjax/multiprocess.py` runs text generation and the vision path across two jax
+processes. Mesh specs and their errors are checked here directly.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +143,50 @@ def test_sharded_vision_stream_equals_single_device(vision, mesh):
     single, sharded = vision["single"], vision[mesh]
     assert sharded["tokens"] == single["tokens"] and len(single["tokens"]) == 8
     np.testing.assert_allclose(sharded["logits"], single["logits"], atol=1e-4, rtol=0)
+
+
+def last_json_line(text: str) -> dict:
+    """The JSON object a script printed last (gloo may print its own lines)."""
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> tuple[dict, list[dict]]:
+    """`multiprocess.py` in one process, and in two processes forming one 4-device mesh."""
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = tmp_path_factory.mktemp("multiprocess")
+    # Output goes to files, not pipes: a process blocked on a full pipe would stall the other
+    # one at jax's shutdown barrier.
+    runs = []
+    for rank in (-1, 0, 1):
+        out, err = (open(logs / f"{rank}.{kind}", "w+") for kind in ("out", "err"))
+        runs.append((subprocess.Popen([sys.executable, "-m", "tests.kvjax.multiprocess", str(rank), str(port)],
+                                      cwd=REPO, stdout=out, stderr=err, text=True), out, err))
+    results = []
+    for proc, out, err in runs:
+        proc.wait(timeout=900)
+        out.seek(0), err.seek(0)
+        assert proc.returncode == 0, err.read()[-3000:]
+        results.append(last_json_line(out.read()))
+        out.close(), err.close()
+    return results[0], results[1:]
+
+
+def test_two_processes_equal_one(two_processes):
+    """Two jax processes (2 CPU devices each, `jax.distributed`) on the mesh data=2,model=2:
+    every process gets the single process's tokens for Full and the offloading ClusterKV and
+    FreeKV (batch 4), and for a LiveVLM stream of pixel frames through the sharded vision
+    tower, whose features equal one device's."""
+    single, ranks = two_processes
+    assert (single["processes"], single["devices"]) == (1, 2)
+    for r in ranks:
+        assert (r["processes"], r["devices"]) == (2, 4)
+        assert r["tokens"] == single["tokens"] and set(r["tokens"]) == {"full", "clusterkv", "freekv"}
+        assert r["stream_tokens"] == single["stream_tokens"] and len(single["stream_tokens"]) == 8
+        np.testing.assert_allclose(r["stream_logits"], single["stream_logits"], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(r["encoded"], single["encoded"], atol=5e-5, rtol=1e-5)
 
 
 def test_batch_not_splitting_over_data_is_an_error(parity):
