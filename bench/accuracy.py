@@ -497,7 +497,8 @@ def markdown_tables(payload: dict[str, Any]) -> str:
 def same_as_full_table(cells: dict[tuple, dict], where: list[str], budgets: list[int]) -> str:
     """Share of samples (%) in which a method generated exactly Full's answer, for the
     "task length" cells in `where`: fidelity to the uncompressed cache where accuracy is 0."""
-    out = ["\nSame answer as Full (%, whitespace aside) where Full scores 0:\n",
+    n = max((r.get("compared_with_full", 0) for r in cells.values()), default=0)
+    out = [f"\nSame answer as Full (%, whitespace aside; n = {n} samples per cell) where Full scores 0:\n",
            "| task | length | method | " + " | ".join(str(b) for b in budgets) + " |",
            "|---|---:|---|" + "---:|" * len(budgets)]
     for cell in where:
