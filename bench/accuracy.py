@@ -42,8 +42,9 @@ if str(REPO) not in sys.path:  # allow `python bench/accuracy.py` as well as `-m
 
 RESULTS = REPO / "bench" / "results"
 DEFAULT_TASKS = ("passkey", "niah_multikey", "variable_tracking", "kv_retrieval")
-METHOD_NAMES = ("full", "streaming_llm", "quest", "clusterkv", "freekv", "freekv_tau09")
+METHOD_NAMES = ("full", "streaming_llm", "quest", "clusterkv", "clusterkv_kv_head", "freekv", "freekv_tau09")
 DISPLAY = {"full": "Full", "streaming_llm": "StreamingLLM", "quest": "Quest", "clusterkv": "ClusterKV",
+           "clusterkv_kv_head": "ClusterKV (kv_head)",
            "freekv": "FreeKV (tau 0.8)", "freekv_tau09": "FreeKV (tau 0.9)"}
 DEFAULT_METHODS = ("full", "streaming_llm", "quest", "clusterkv")
 QUESTION_BUCKET = 64  # questions are padded to a multiple of this (decode compiles once)
@@ -78,12 +79,15 @@ def method_grid(names: Sequence[str], budgets: Sequence[int]) -> list[tuple[str,
 
 def build_method(name: str, budget: int | None):
     """A method by name. FreeKV's sink and recent scale with the budget (1/8 and 1/4, pages
-    of 16 tokens: its defaults need a 1056-token budget); `freekv_tau09` corrects at tau 0.9."""
+    of 16 tokens: its defaults need a 1056-token budget); `freekv_tau09` corrects at tau 0.9;
+    `clusterkv_kv_head` is ClusterKV with one selection per KV head."""
     from bench.method_speed import freekv
-    from kvjax.methods import make_method
+    from kvjax.methods import ClusterKV, make_method
 
     if name.startswith("freekv"):
         return freekv(budget, page_size=16, tau=0.9 if name == "freekv_tau09" else 0.8)
+    if name == "clusterkv_kv_head":
+        return ClusterKV(budget=budget, selection="kv_head")
     return make_method(name) if budget is None else make_method(name, budget=budget)
 
 
@@ -547,7 +551,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
     colors = {"full": "black", "streaming_llm": "tab:orange", "quest": "tab:blue", "clusterkv": "tab:green",
-              "freekv": "tab:red", "freekv_tau09": "tab:purple"}
+              "freekv": "tab:red", "freekv_tau09": "tab:purple", "clusterkv_kv_head": "tab:olive"}
     for i, length in enumerate(acc_lengths):
         for j, task in enumerate(tasks):
             ax = axes[i][j]

@@ -115,6 +115,14 @@ def test_same_as_full_table_where_full_scores_zero():
     assert "Full scores 0" in table and "| niah_multikey | 4096 | ClusterKV | 67 |" in table
 
 
+def test_method_names_build_their_methods():
+    assert bench.build_method("clusterkv", 256) == ClusterKV(budget=256)
+    assert bench.build_method("clusterkv_kv_head", 256) == ClusterKV(budget=256, selection="kv_head")
+    assert bench.build_method("freekv_tau09", 256).tau == 0.9
+    with pytest.raises(ValueError, match="unknown method"):
+        bench.method_grid(["clusterkv_kvhead"], [256])
+
+
 def test_depths_spread_over_the_context():
     depths = [bench.depth_for(s) for s in range(10)]
     assert depths[0] == 0.5 and len(set(depths)) == 10 and all(0.05 <= d <= 0.95 for d in depths)
