@@ -252,6 +252,12 @@ def accuracy_table(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _accuracy_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The accuracy table of a payload, recomputed from its samples when it has them (files
+    written before a column existed then report it too)."""
+    return accuracy_table(payload["samples"]) if payload.get("samples") else payload.get("accuracy", [])
+
+
 def _key_order(key: str) -> tuple:
     name, _, budget = key.partition("/")
     return (METHOD_NAMES.index(name) if name in METHOD_NAMES else 99, int(budget) if budget else 0)
@@ -424,7 +430,7 @@ def _pct(x: float) -> str:
 
 def markdown_tables(payload: dict[str, Any]) -> str:
     """Accuracy (%) per task and length: methods x budgets; then perplexity fidelity."""
-    acc = accuracy_table(payload["samples"]) if payload.get("samples") else payload.get("accuracy", [])
+    acc = _accuracy_rows(payload)
     out: list[str] = []
     if acc:
         budgets = sorted({r["budget"] for r in acc if r["budget"] is not None})
@@ -539,7 +545,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
     except ImportError as e:
         log(f"# no plot: matplotlib does not import ({e})")
         return None
-    acc = accuracy_table(payload["samples"]) if payload.get("samples") else payload.get("accuracy", [])
+    acc = _accuracy_rows(payload)
     ppl = payload.get("perplexity") or []
     tasks = _task_order(payload, acc)
     acc_lengths = sorted({r["length"] for r in acc})

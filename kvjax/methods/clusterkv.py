@@ -312,8 +312,7 @@ class ClusterKV(SparseMethod):
         hq, hkv = q.shape[1], cache.order.shape[1]
         # Look the slots up in the KV head's sorted positions (no per-query-head copy).
         positions = jnp.take_along_axis(cache.order, index.reshape(b, hkv, -1), axis=-1).reshape(b, hs, n)
-        per_query_head = lambda x: jnp.repeat(x, hq // hs, axis=1)
-        return per_query_head(positions), per_query_head(valid)
+        return _per_query_head(positions, hq), _per_query_head(valid, hq)
 
     def select_index(self, q, cache: ClusterLayerCache):
         """Index entries [B, Hs, budget - sink] of the selected tokens (their cache slot minus
@@ -383,9 +382,9 @@ class ClusterKV(SparseMethod):
                 gather = lambda x: jnp.take_along_axis(x, (self.sink + index)[..., None], axis=2)
                 chosen = attention_part(q, gather(cache.k), gather(cache.v), selected)
             else:
-                per_query_head = lambda x: jnp.repeat(x, q.shape[1] // x.shape[1], axis=1)
-                chosen = pk.sparse_decode_attention(q, cache.k, cache.v, per_query_head(self.sink + index),
-                                                    per_query_head(selected), impl=self.impl)
+                hq = q.shape[1]
+                chosen = pk.sparse_decode_attention(q, cache.k, cache.v, _per_query_head(self.sink + index, hq),
+                                                    _per_query_head(selected, hq), impl=self.impl)
             w = min(self.window, slots)
             first_slot = first_pos = jnp.clip(cache.window_start, 0, slots - w)
             write_slot = lengths
@@ -512,6 +511,12 @@ class ClusterKV(SparseMethod):
             "recall_bytes": recall_bytes,
             "recall_bytes_per_step": recall_bytes / steps if steps else None,
         }
+
+
+def _per_query_head(x: jax.Array, num_heads: int) -> jax.Array:
+    """Per-selection-head values [B, Hs, ...] repeated to `num_heads` query heads (a kv_head
+    selection is shared by its group; per-query-head values come back unchanged)."""
+    return jnp.repeat(x, num_heads // x.shape[1], axis=1)
 
 
 def _write_host(host: jax.Array, start: jax.Array, values: jax.Array) -> jax.Array:

@@ -177,10 +177,19 @@ def run_streams(model, mesh) -> dict:
             "compiles": dict(COMPILE_COUNTS - before)}
 
 
-def main() -> None:
-    model = Model(CONFIG, init_random(CONFIG, jax.random.key(0), scale=0.3), ByteTokenizer(), "tiny-mesh")
+def tiny_model() -> Model:
+    """The tiny random Llama of `CONFIG` with byte tokens (scaled up: peaked distributions)."""
+    return Model(CONFIG, init_random(CONFIG, jax.random.key(0), scale=0.3), ByteTokenizer(), "tiny-mesh")
+
+
+def ragged_prompts() -> list[list[int]]:
+    """`BATCH` random prompts of `CONTEXT`, `CONTEXT - 7`, ... tokens."""
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, CONFIG.vocab_size, size=CONTEXT - 7 * i).tolist() for i in range(BATCH)]
+    return [rng.integers(0, CONFIG.vocab_size, size=CONTEXT - 7 * i).tolist() for i in range(BATCH)]
+
+
+def main() -> None:
+    model, prompts = tiny_model(), ragged_prompts()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = {"single": {"generate": run(model, prompts, METHODS, None), "stream": run_streams(model, None)}}

@@ -67,12 +67,22 @@ def weight_moves(model: VisionLanguageModel, mesh) -> list[str]:
     return moves
 
 
+def random_frames() -> np.ndarray:
+    """`FRAMES` random RGB frames [T, H, W, 3] uint8."""
+    return np.random.default_rng(0).integers(0, 256, (FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+
+
+def stream_answer(model: VisionLanguageModel, frames: np.ndarray, mesh):
+    """A LiveVLM stream of `frames` (vision batches of 1 and 5, padded to 8), then a question."""
+    session = StreamSession(model, LIVE, mesh=mesh)  # places the parameters itself
+    session.add_frames(frames[:1])
+    session.add_frames(frames[1:])
+    return session.ask("What came first?", max_new_tokens=NEW)
+
+
 def run(model: VisionLanguageModel, frames: np.ndarray, mesh) -> dict:
     """Frame features and a stream's answer; on a mesh, where the parameters and frames went."""
-    session = StreamSession(model, LIVE, mesh=mesh)  # places the parameters itself
-    session.add_frames(frames[:1])  # vision batches of 1 and 5 (padded to 8)
-    session.add_frames(frames[1:])
-    answer = session.ask("What came first?", max_new_tokens=NEW)
+    answer = stream_answer(model, frames, mesh)
     sharded = model if mesh is None else shard_model(model, mesh)
     encoded = {n: sharded.encode_frames(frames[:n]) for n in (1, 3)}
     result = {"encoded": {n: np.asarray(x).tolist() for n, x in encoded.items()},
@@ -92,7 +102,7 @@ def run(model: VisionLanguageModel, frames: np.ndarray, mesh) -> dict:
 
 def main() -> None:
     model = tiny_vlm()
-    frames = np.random.default_rng(0).integers(0, 256, (FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    frames = random_frames()
     results = {"single": run(model, frames, None)}
     for spec, devices in MESHES.items():
         results[spec] = run(model, frames, make_mesh(spec, jax.devices()[:devices]))

@@ -26,10 +26,8 @@ import json  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kvjax import StreamSession, generate_many  # noqa: E402
+from kvjax import generate_many  # noqa: E402
 from kvjax.sharding import make_mesh, shard_model  # noqa: E402
-from models.bundle import Model  # noqa: E402
-from models.params import init_random  # noqa: E402
 
 
 def main(rank: int, port: int) -> None:
@@ -38,21 +36,12 @@ def main(rank: int, port: int) -> None:
         jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank)
     mesh = None if rank < 0 else make_mesh("data=2,model=2")
 
-    config = mesh_parity.CONFIG
-    model = Model(config, init_random(config, jax.random.key(0), scale=0.3), mesh_parity.ByteTokenizer(), "tiny-mesh")
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, config.vocab_size, size=mesh_parity.CONTEXT - 7 * i).tolist()
-               for i in range(mesh_parity.BATCH)]
     methods = mesh_parity.METHODS if mesh is None else mesh_parity.OFFLOADED
-    outputs = generate_many(model, prompts, list(methods.values()), max_new_tokens=mesh_parity.NEW, mesh=mesh)
+    outputs = generate_many(mesh_parity.tiny_model(), mesh_parity.ragged_prompts(), list(methods.values()),
+                            max_new_tokens=mesh_parity.NEW, mesh=mesh)
 
-    vlm = mesh_vision.tiny_vlm()
-    frames = np.random.default_rng(0).integers(
-        0, 256, (mesh_vision.FRAMES, mesh_vision.IMAGE_SIZE, mesh_vision.IMAGE_SIZE, 3), np.uint8)
-    session = StreamSession(vlm, mesh_vision.LIVE, mesh=mesh)
-    session.add_frames(frames[:1])
-    session.add_frames(frames[1:])
-    answer = session.ask("What came first?", max_new_tokens=mesh_vision.NEW)
+    vlm, frames = mesh_vision.tiny_vlm(), mesh_vision.random_frames()
+    answer = mesh_vision.stream_answer(vlm, frames, mesh)
     encoded = (vlm if mesh is None else shard_model(vlm, mesh)).encode_frames(frames[:3])
 
     print(json.dumps({
