@@ -56,6 +56,7 @@ SELECTIONS = ("query_head", "kv_head")
 NOWHERE = 2**30  # an index entry past any cache: scatters to it are dropped
 RECALL_CHUNK = 1024  # rows per host -> device transfer (offload), over all (sequence, KV head) rows
 RECALL_ROW_CHUNK = 8  # at least this many rows per (sequence, KV head) and transfer
+SORT_KEY_LIMIT = 2**31  # `_by_label` sorts label * n + index where that stays below this (int32)
 
 
 @struct.dataclass
@@ -191,7 +192,7 @@ class ClusterKV(SparseMethod):
             keys.reshape(b * h, n, d), per_head(count), per_head(num_clusters), max_clusters,
             iters=self.kmeans_iters, init=self.init, key=rng, impl=self.impl,
         )
-        order = jnp.argsort(labels, axis=-1, stable=True).astype(jnp.int32)
+        order = _by_label(labels, max_clusters)
         unflat = lambda x: x.reshape(b, h, *x.shape[1:])
         return unflat(centroids), unflat(sizes), unflat(order)
 
@@ -511,6 +512,18 @@ class ClusterKV(SparseMethod):
             "recall_bytes": recall_bytes,
             "recall_bytes_per_step": recall_bytes / steps if steps else None,
         }
+
+
+def _by_label(labels: jax.Array, num_clusters: int) -> jax.Array:
+    """Indices [..., n] of `labels` (in [0, num_clusters]) sorted by (label, index).
+
+    One sort of the unique keys `label * n + index` where they fit int32, about 5x faster
+    on CPU than jnp.argsort's stable sort of (label, index) pairs (the fallback).
+    """
+    n = labels.shape[-1]
+    if (num_clusters + 1) * n >= SORT_KEY_LIMIT:
+        return jnp.argsort(labels, axis=-1, stable=True).astype(jnp.int32)
+    return jax.lax.sort(labels * n + jnp.arange(n, dtype=jnp.int32), dimension=labels.ndim - 1) % n
 
 
 def _per_query_head(x: jax.Array, num_heads: int) -> jax.Array:

@@ -101,6 +101,19 @@ def test_kmeans_matches_numpy_reference(seed):
         assert rs.sum() == count[i]  # every key in range lands in exactly one cluster
 
 
+@pytest.mark.parametrize("combined_keys", [True, False])
+def test_cluster_order_is_a_stable_sort_by_label(monkeypatch, combined_keys):
+    """The index order: positions sorted by (cluster, position), label C (no cluster) last,
+    through one sort of combined keys or, where they would overflow int32, a stable argsort."""
+    from kvjax.methods import clusterkv
+
+    if not combined_keys:
+        monkeypatch.setattr(clusterkv, "SORT_KEY_LIMIT", 8 * 50)  # (7 + 1) * 50 reaches it
+    labels = np.random.default_rng(5).integers(0, 8, (2, 3, 50)).astype(np.int32)  # 7: no cluster
+    got = np.asarray(jax.jit(lambda x: clusterkv._by_label(x, 7))(jnp.asarray(labels)))
+    np.testing.assert_array_equal(got, np.argsort(labels, axis=-1, kind="stable"))
+
+
 def test_kmeans_centroids_are_means_of_their_clusters():
     rng = np.random.default_rng(3)
     keys = rng.standard_normal((2, 64, D)).astype(np.float32) * 5

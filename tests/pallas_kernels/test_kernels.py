@@ -239,6 +239,26 @@ def test_kmeans_assign_reference_matches_loops(g, n, d, c):
         assert (want[-1] == c).all()
 
 
+def test_kmeans_assign_reference_in_key_blocks_matches_loops(monkeypatch):
+    """The XLA assignment runs over blocks of keys on CPU: with blocks of 128 keys, 300 keys
+    are two whole blocks and a partial one, and non-finite, zero and padded keys sit in later
+    blocks too."""
+    from pallas_kernels import kmeans
+
+    monkeypatch.setattr(kmeans, "CPU_BLOCK_SIMILARITIES", 2**12)
+    g, n, d, c = 2, 300, 8, 40
+    assert kmeans.assign_block_keys(n, c) == 128 or jax.default_backend() != "cpu"
+    rng = rng_for("assign_blocks", g, n, d, c)
+    keys, centroids, tv, cv = kmeans_inputs(rng, g, n, d, c)
+    keys[0, 200] = np.nan  # problem 0 (problem 1 has no valid cluster)
+    keys[0, 140] = 0.0
+    tv[0, [140, 200]] = True
+    want = np_kmeans_assign(keys, centroids, tv, cv)
+    got = jax.jit(pk.kmeans_assign_reference)(*map(jnp.asarray, (keys, centroids, tv, cv)))
+    assert_labels_match(got, want, np_cos_sims(keys, centroids), c, max_ties=0)
+    assert want[0, 200] == c and want[0, 140] < c
+
+
 @pytest.mark.parametrize("g,n,d,c", [(1, 9, 4, 3), (2, 17, 6, 5)])
 def test_kmeans_update_reference_matches_loops(g, n, d, c):
     rng = rng_for("update_ref", g, n, d, c)
