@@ -131,14 +131,25 @@ def time_decode(model, method, context: int, steps: int, seed: int, pre=None) ->
     return res
 
 
-def time_prefill(model, length: int) -> float:
-    """Seconds of a real dense prefill of `length` random token ids (compilation excluded)."""
+def time_prefill(model, length: int, repeats: int = 1) -> float:
+    """Seconds of a real dense prefill of `length` random token ids (compilation excluded;
+    the median of `repeats` runs)."""
     from kvjax import Full
     from kvjax.generation import prefill
 
     ids = np.random.default_rng(0).integers(100, 40000, size=length).tolist()
     prefill(model, [ids], Full(), extra_tokens=1)  # compile
-    return prefill(model, [ids], Full(), extra_tokens=1).prefill_s
+    return float(np.median([prefill(model, [ids], Full(), extra_tokens=1).prefill_s for _ in range(repeats)]))
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from repeated `time_decode` runs: the median of each timing (this machine
+    is shared: single runs differ by up to 2x), everything else from the first run."""
+    res = dict(runs[0])
+    for key in ("decode_ms_per_token", "index_build_s"):
+        res[key] = float(np.median([r[key] for r in runs]))
+    res["repeats"] = len(runs)
+    return res
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -200,6 +211,8 @@ def main(argv=None) -> int:
                    help="skip clusterkv_pallas above this context (interpret mode on CPU is slow)")
     p.add_argument("--prefill-lengths", type=int, nargs="*", default=[4096],
                    help="contexts at which a real dense prefill is timed for the clustering share")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per measurement (cache build, decode, prefill); their median is reported")
     args = p.parse_args(argv)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     env = environment()
@@ -211,7 +224,8 @@ def main(argv=None) -> int:
     settings = {"model": model.name, "shape": args.shape, "dtype": args.dtype, "budget": args.budget,
                 "decode_steps": args.steps, "methods": {n: all_methods[n].describe() for n in args.methods},
                 "cache_contents": "random normal keys/values (no real prefill); see module docstring",
-                "pallas_on_cpu": "interpret mode", "pallas_max_context": args.pallas_max_context}
+                "pallas_on_cpu": "interpret mode", "pallas_max_context": args.pallas_max_context,
+                "repeats": args.repeats}
     save = lambda: save_result(output, "method_speed", env, settings, rows)
 
     rows = []
@@ -221,13 +235,14 @@ def main(argv=None) -> int:
         for name in args.methods:
             if name == "clusterkv_pallas" and jax.default_backend() == "cpu" and context > args.pallas_max_context:
                 continue
-            res = time_decode(model, all_methods[name], context, args.steps, seed=context)
+            res = median_run([time_decode(model, all_methods[name], context, args.steps, seed=context)
+                              for _ in range(args.repeats)])
             row["methods"][name] = res
             save()
             log(f"{context:>6} {name:>16}: {res['decode_ms_per_token']:.1f} ms/token, index "
                 f"{res['index_build_s']:.2f} s, device KV {res['device_kv_bytes'] / 2**20:.0f} MiB")
         if context in args.prefill_lengths and "clusterkv_xla" in row["methods"]:
-            row["dense_prefill_s"] = time_prefill(model, context)
+            row["dense_prefill_s"] = time_prefill(model, context, args.repeats)
             row["clustering_share_of_prefill"] = row["methods"]["clusterkv_xla"]["index_build_s"] / row["dense_prefill_s"]
             log(f"{context:>6} dense prefill {row['dense_prefill_s']:.1f} s, clustering share "
                 f"{100 * row['clustering_share_of_prefill']:.1f}%")
