@@ -54,8 +54,10 @@ def kmeans_assign_reference(
     first maximum is a max over clusters, then the smallest cluster id reaching it (the same
     max/iota/min as the Pallas kernel), two reductions that vectorise over the keys.
     """
-    g, n, d = keys.shape
+    g, n = keys.shape[:2]
     num_clusters = centroids.shape[1]
+    if n == 0:
+        return jnp.zeros((g, 0), jnp.int32)
     # Non-finite keys are invalid, and a cluster whose centroid is non-finite cannot win:
     # the maximum of a row with a NaN is NaN, so a NaN key would otherwise join cluster 0 and
     # a NaN centroid would attract every key.
@@ -69,8 +71,6 @@ def kmeans_assign_reference(
         best = jnp.max(sim, axis=1, keepdims=True)
         return jnp.min(jnp.where(sim == best, ids, num_clusters), axis=1)
 
-    if n == 0:
-        return jnp.zeros((g, 0), jnp.int32)
     block = assign_block_keys(n, num_clusters)
     unit_keys = normalize(keys)
 

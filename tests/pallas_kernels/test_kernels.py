@@ -257,6 +257,9 @@ def test_kmeans_assign_reference_in_key_blocks_matches_loops(monkeypatch):
     got = jax.jit(pk.kmeans_assign_reference)(*map(jnp.asarray, (keys, centroids, tv, cv)))
     assert_labels_match(got, want, np_cos_sims(keys, centroids), c, max_ties=0)
     assert want[0, 200] == c and want[0, 140] < c
+    empty = pk.kmeans_assign_reference(jnp.asarray(keys[:, :0]), jnp.asarray(centroids),
+                                       jnp.asarray(tv[:, :0]), jnp.asarray(cv))
+    assert empty.shape == (g, 0) and empty.dtype == jnp.int32
 
 
 @pytest.mark.parametrize("g,n,d,c", [(1, 9, 4, 3), (2, 17, 6, 5)])
