@@ -113,9 +113,9 @@ def test_clusterkv_answers_every_passkey_full_answers(passkey_runs):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "known gap (FreeKV issue): at 7k, budget 512 with pages of 16 recalls the key only at 10% "
-    "depth; speculative=False and Quest(512, page 16) miss the same depths, so it is page-level "
-    "selection on this model, not speculation"))
+    "known gap (FreeKV issue): budget 512 with pages of 16 misses depths Full answers at ~4k and "
+    "~7k (at 7k it recalls the key only at 10% depth, and speculative=False and Quest(512, page 16) "
+    "miss the same depths), so it is page-level selection on this model, not speculation"))
 def test_freekv_answers_every_passkey_full_answers(passkey_runs):
     """FreeKV at budget 512 (sink 64, recent 64, pages of 16): speculative page retrieval
     with correction finds the key's page at every depth that Full answers."""
