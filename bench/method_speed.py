@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per measurement (cache build, decode, prefill); their median is reported")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     env = environment()
     model = shaped_model(args.shape, max(args.contexts) + args.steps + 64, args.dtype)
