@@ -37,7 +37,7 @@ from models.config import ModelConfig, RopeScaling
 from models.gguf_loader import load_gguf, load_gguf_tokenizer, read_gguf_config
 from models.llama import forward as _forward
 from models.params import init_random
-from models.safetensors_loader import load_safetensors_dir
+from models.safetensors_loader import load_safetensors_dir, read_safetensors_config
 from tests.conftest import embedded_gguf
 from tests.hf_tiny import COMMON, save_tiny
 
@@ -321,6 +321,7 @@ def test_safetensors_params_equal_torch_state_dict(tiny_dirs, kind):
         assert not (directory / "model.safetensors").exists()
         assert len(list(directory.glob("model-*-of-*.safetensors"))) >= 3
     config, params = load_safetensors_dir(directory, dtype=jnp.float32)
+    assert config == read_safetensors_config(directory)  # the same config, no weights read
     tied = kind == "qwen2_tied"
     assert config.tie_word_embeddings is tied and (params.lm_head is None) is tied
     assert config.attention_bias is kind.startswith(("qwen2", "sharded"))
@@ -347,6 +348,7 @@ def test_safetensors_missing_lm_head_means_tied(tiny_dirs, tmp_path):
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "tie_word_embeddings": False}))
     config, params = load_safetensors_dir(tmp_path / "ckpt")
     assert config.tie_word_embeddings and params.lm_head is None
+    assert read_safetensors_config(tmp_path / "ckpt").tie_word_embeddings
     assert_same_tensors(as_hf(params), torch_state(model, tied=True))
 
 
