@@ -60,16 +60,6 @@ def real_prefill(model, context: int, steps: int):
     return prefill(model, [ids[:context]], Full(), extra_tokens=steps + 1)
 
 
-def copy_prefill(pre):
-    """A copy of a prefill whose cache a decode may consume (donate)."""
-    import dataclasses
-
-    import jax
-    import jax.numpy as jnp
-
-    return dataclasses.replace(pre, cache=jax.tree.map(jnp.copy, pre.cache))
-
-
 def ratios(m: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     ms = lambda n: m.get(n, {}).get("decode_ms_per_token")
     div = lambda a, b: a / b if a and b else None
@@ -101,7 +91,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv=None) -> int:
-    from bench.method_speed import add_speed_args, save_result, shaped_model, time_decode
+    from bench.method_speed import add_speed_args, copy_prefill, median_run, save_result, shaped_model, time_decode
     from kvjax.environment import environment
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -125,7 +115,8 @@ def main(argv=None) -> int:
     output = args.output or REPO / "bench" / "results" / f"freekv{tag}-{env['backend']}-{datetime.date.today()}.json"
 
     settings = {"model": model.name, "shape": args.shape, "dtype": args.dtype, "budget": args.budget,
-                "decode_steps": args.steps, "methods": {n: methods[n].describe() for n in args.variants},
+                "decode_steps": args.steps, "repeats": args.repeats,
+                "methods": {n: methods[n].describe() for n in args.variants},
                 "cache_contents": ("a real dense prefill of novel text" if args.real else
                                    "random normal keys/values (no real prefill); see bench/method_speed.py")}
     save = lambda: save_result(output, "freekv", env, settings, rows)
@@ -136,8 +127,9 @@ def main(argv=None) -> int:
         rows.append(row)
         shared = real_prefill(model, context, args.steps) if args.real else None
         for name in args.variants:
-            pre = None if shared is None else copy_prefill(shared)
-            res = time_decode(model, methods[name], context, args.steps, seed=context, pre=pre)
+            res = median_run([time_decode(model, methods[name], context, args.steps, seed=context,
+                                          pre=None if shared is None else copy_prefill(shared))
+                              for _ in range(args.repeats)])
             row["methods"][name] = res
             save()
             log(f"{context:>6} {name:>20}: {res['decode_ms_per_token']:.1f} ms/token, device KV "

@@ -19,4 +19,27 @@ def test_repeats_must_be_positive(capsys):
     with pytest.raises(SystemExit) as exc:
         method_speed.main(["--repeats", "0"])
     assert exc.value.code == 2
-    assert "--repeats must be at least 1, got 0" in capsys.readouterr().err
+    assert "argument --repeats: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_warm_up_decodes_a_copy_and_leaves_the_prefill_to_the_timed_run(tiny_lm):
+    import jax
+    import numpy as np
+
+    from kvjax import Full, StreamingLLM
+    from kvjax.generation import _decode_from
+
+    pre = method_speed.random_prefill(tiny_lm, context=40, extra=4, seed=0)
+    before = [np.asarray(x) for x in jax.tree.leaves(pre.cache)]
+    copy = method_speed.copy_prefill(pre)
+    _decode_from(tiny_lm, copy, Full(), [[0] * 40], [[]], False, 3, 0.0, 1.0, 0)  # donates copy's cache
+    assert all(x.is_deleted() for x in jax.tree.leaves(copy.cache))
+    after = jax.tree.leaves(pre.cache)
+    assert not any(x.is_deleted() for x in after)
+    for b, a in zip(before, after, strict=True):
+        np.testing.assert_array_equal(b, np.asarray(a))
+
+    for method in (Full(), StreamingLLM(budget=16, sink=2)):
+        res = method_speed.time_decode(tiny_lm, method, 40, 3, seed=0)
+        # 3 tokens: the first from the prefill's logits, then 2 decode steps.
+        assert res["decode_steps"] == 2 and res["decode_ms_per_token"] > 0
