@@ -118,7 +118,9 @@ def time_decode(model, method, context: int, steps: int, seed: int, pre=None) ->
 
     The decode executable first runs once untimed, on a copy of the prompt cache: its first
     call is 10-40% slower than the next ones on CPU (one-time runtime set-up, measured at
-    32k tokens for every method), which is not decode speed.
+    32k tokens for every method), which is not decode speed. The method's cache is built twice
+    (the warm-up's, then the timed one), so the index build is timed warm too, as
+    `time_prefill` times warm prefills.
     """
     from kvjax import Full
     from kvjax.generation import _decode_from, convert
