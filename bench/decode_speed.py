@@ -261,6 +261,7 @@ def main(argv=None) -> int:
     import kvjax
     import kvjax.methods  # noqa: F401 - `kvjax.methods.Full`
     import models
+    from bench.method_speed import interleaved_runs
     from kvjax.environment import environment
     from models.loading import embedded_model_path
 
@@ -294,16 +295,14 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         warm = ours.run(ids)
         log(f"   ours warm-up {time.perf_counter() - t0:.1f} s (compile {warm['compile_s']:.1f} s)")
-        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "transformers": []}
-        for r in range(args.repeats):
-            order = [("ours", ours), ("transformers", theirs)]
-            if r % 2:
-                order.reverse()
-            for key, competitor in order:
-                res = competitor.run(ids)
-                runs[key].append(res)
-                log(f"   repeat {r + 1}/{args.repeats} {key:>12}: prefill {res['prefill_s']:.2f} s, "
-                    f"decode {res['decode_ms_per_step']:.1f} ms/step x {res['decode_steps']}")
+        competitors = {"ours": ours, "transformers": theirs}
+
+        def done(key, runs_of_key):
+            res = runs_of_key[-1]
+            log(f"   repeat {len(runs_of_key)}/{args.repeats} {key:>12}: prefill {res['prefill_s']:.2f} s, "
+                f"decode {res['decode_ms_per_step']:.1f} ms/step x {res['decode_steps']}")
+
+        runs = interleaved_runs(list(competitors), lambda key: competitors[key].run(ids), args.repeats, done)
         agreements = [
             leading_agreement(a["tokens"], b["tokens"])
             for a, b in zip(runs["ours"], runs["transformers"])

@@ -13,7 +13,9 @@ in `bench/method_speed.py` and decoded by:
 
 Reported: decode ms/token, device and host KV bytes, the correction rate (random keys and
 weights: queries of consecutive steps are nearly unrelated, so the rate is high and the
-speculative path pays for its corrections), and the ratios the FreeKV issue asks for.
+speculative path pays for its corrections), and the ratios the FreeKV issue asks for. With
+`--repeats`, every round times each variant once and each ratio is the median of its
+per-round ratios (`bench.method_speed.interleaved_runs`).
 
 `--real` uses the real SmolLM2-135M-Instruct instead, with a real dense prefill of novel
 text shared by the variants (contexts up to its trained 8k): the correction rate is then
@@ -60,15 +62,15 @@ def real_prefill(model, context: int, steps: int):
     return prefill(model, [ids[:context]], Full(), extra_tokens=steps + 1)
 
 
-def ratios(m: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    ms = lambda n: m.get(n, {}).get("decode_ms_per_token")
-    div = lambda a, b: a / b if a and b else None
+def ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, float | None]:
+    """The issue's ratios from interleaved runs: decode times per round (`paired_ratio`)."""
+    from bench.method_speed import paired_ratio
+
     return {
-        "offload_over_device": div(ms("freekv_offload"), ms("freekv_device")),
-        "sync_offload_over_offload": div(ms("freekv_sync_offload"), ms("freekv_offload")),
-        "full_over_offload": div(ms("full"), ms("freekv_offload")),
-        "full_device_kv_over_offload": div(m.get("full", {}).get("device_kv_bytes"),
-                                           m.get("freekv_offload", {}).get("device_kv_bytes")),
+        "offload_over_device": paired_ratio(runs, "freekv_offload", "freekv_device"),
+        "sync_offload_over_offload": paired_ratio(runs, "freekv_sync_offload", "freekv_offload"),
+        "full_over_offload": paired_ratio(runs, "full", "freekv_offload"),
+        "full_device_kv_over_offload": paired_ratio(runs, "full", "freekv_offload", key="device_kv_bytes"),
     }
 
 
@@ -91,7 +93,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv=None) -> int:
-    from bench.method_speed import add_speed_args, copy_prefill, median_run, save_result, shaped_model, time_decode
+    from bench.method_speed import (add_speed_args, copy_prefill, interleaved_runs, median_run, save_result,
+                                    shaped_model, time_decode)
     from kvjax.environment import environment
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -116,6 +119,8 @@ def main(argv=None) -> int:
 
     settings = {"model": model.name, "shape": args.shape, "dtype": args.dtype, "budget": args.budget,
                 "decode_steps": args.steps, "repeats": args.repeats,
+                "repeat_order": "interleaved rounds (bench/method_speed.py `interleaved_runs`); ratios are "
+                                "medians of per-round ratios",
                 "methods": {n: methods[n].describe() for n in args.variants},
                 "cache_contents": ("a real dense prefill of novel text" if args.real else
                                    "random normal keys/values (no real prefill); see bench/method_speed.py")}
@@ -126,15 +131,17 @@ def main(argv=None) -> int:
         row: dict[str, Any] = {"context": context, "methods": {}}
         rows.append(row)
         shared = real_prefill(model, context, args.steps) if args.real else None
-        for name in args.variants:
-            res = median_run([time_decode(model, methods[name], context, args.steps, seed=context,
-                                          pre=None if shared is None else copy_prefill(shared))
-                              for _ in range(args.repeats)])
-            row["methods"][name] = res
+
+        def done(name, runs_of_name, row=row, context=context):
+            row["methods"][name] = median_run(runs_of_name)
             save()
+            res = runs_of_name[-1]
             log(f"{context:>6} {name:>20}: {res['decode_ms_per_token']:.1f} ms/token, device KV "
                 f"{res['device_kv_bytes'] / 2**20:.1f} MiB, host KV {res.get('host_kv_bytes', 0) / 2**20:.1f} MiB")
-        row["ratios"] = ratios(row["methods"])
+
+        measure = lambda n: time_decode(model, methods[n], context, args.steps, seed=context,
+                                        pre=None if shared is None else copy_prefill(shared))
+        row["ratios"] = ratios(interleaved_runs(list(args.variants), measure, args.repeats, done))
         save()
     log(f"# wrote {output}")
     print(markdown_table(rows))

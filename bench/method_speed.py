@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -159,12 +160,48 @@ def time_prefill(model, length: int, repeats: int = 1) -> float:
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from repeated `time_decode` runs: the median of each timing (this machine
-    is shared: single runs differ by up to 2x), everything else from the first run."""
+    is shared: single runs differ by up to 2x) and every run's decode time, everything else
+    from the first run."""
     res = dict(runs[0])
     for key in ("decode_ms_per_token", "index_build_s"):
         res[key] = float(np.median([r[key] for r in runs]))
+    res["decode_ms_per_token_runs"] = [r["decode_ms_per_token"] for r in runs]
     res["repeats"] = len(runs)
     return res
+
+
+def interleaved_runs(names: list[str], measure: Callable[[str], dict[str, Any]], repeats: int,
+                     done: Callable[[str, list[dict[str, Any]]], None] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """`repeats` rounds that each time every name once (`measure(name)`), each round starting
+    one name later than the one before. This machine has slow and fast spells lasting
+    minutes: methods measured in the same round share them, so the ratio of two methods is
+    taken per round (`paired_ratio`) rather than between medians of runs minutes apart.
+    `done(name, runs of name so far)` is called after every measurement."""
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for r in range(repeats):
+        start = r % len(names) if names else 0
+        for name in names[start:] + names[:start]:
+            runs[name].append(measure(name))
+            if done is not None:
+                done(name, runs[name])
+    return runs
+
+
+def paired_ratio(runs: dict[str, list[dict[str, Any]]], a: str, b: str,
+                 key: str = "decode_ms_per_token") -> float | None:
+    """Median over rounds of `a`'s `key` / `b`'s `key` in the same round (None where either
+    was not measured)."""
+    pairs = list(zip(runs.get(a, []), runs.get(b, [])))
+    return float(np.median([x[key] / y[key] for x, y in pairs])) if pairs else None
+
+
+# Ratios of decode times in the table and the JSON (numerator, denominator), per round.
+PAIRED_RATIOS = {
+    "full_over_clusterkv": ("full", "clusterkv_xla"),
+    "clusterkv_over_streaming_llm": ("clusterkv_xla", "streaming_llm"),
+    "full_over_clusterkv_kv_head": ("full", "clusterkv_kv_head"),
+    "clusterkv_kv_head_over_streaming_llm": ("clusterkv_kv_head", "streaming_llm"),
+}
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -174,12 +211,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         m = r["methods"]
         cells = [f"{m[n]['decode_ms_per_token']:.1f}" if n in m else "-" for n in names]
-        ckv = m.get("clusterkv_xla", {}).get("decode_ms_per_token")
-        ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"
+        paired = r.get("paired_ratios", {})
+        ratio = lambda name: "-" if paired.get(name) is None else f"{paired[name]:.2f}x"
         share = r.get("clustering_share_of_prefill")
         lines.append(f"| {r['context']} | " + " | ".join(cells)
-                     + f" | {ratio(m.get('full', {}).get('decode_ms_per_token'), ckv)}"
-                     + f" | {ratio(ckv, m.get('streaming_llm', {}).get('decode_ms_per_token'))}"
+                     + f" | {ratio('full_over_clusterkv')} | {ratio('clusterkv_over_streaming_llm')}"
                      + f" | {'-' if share is None else f'{100 * share:.1f}%'} |")
     return "\n".join(lines)
 
@@ -210,7 +246,8 @@ def add_speed_args(p, contexts: list[int]) -> None:
                    help="parameter and KV cache dtype")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/...)")
     p.add_argument("--repeats", type=at_least_one, default=1,
-                   help="runs per measurement (cache build, decode, prefill); their median is reported")
+                   help="runs per measurement (cache build, decode, prefill), in rounds over the methods; "
+                        "medians and per-round ratios are reported")
 
 
 def at_least_one(text: str) -> int:
@@ -250,22 +287,27 @@ def main(argv=None) -> int:
                 "decode_steps": args.steps, "methods": {n: all_methods[n].describe() for n in args.methods},
                 "cache_contents": "random normal keys/values (no real prefill); see module docstring",
                 "pallas_on_cpu": "interpret mode", "pallas_max_context": args.pallas_max_context,
-                "repeats": args.repeats}
+                "repeats": args.repeats,
+                "repeat_order": "interleaved rounds (`interleaved_runs`); ratios are medians of per-round ratios"}
     save = lambda: save_result(output, "method_speed", env, settings, rows)
 
     rows = []
     for context in args.contexts:
-        row: dict[str, Any] = {"context": context, "methods": {}}
+        row: dict[str, Any] = {"context": context, "methods": {}, "paired_ratios": {}}
         rows.append(row)
-        for name in args.methods:
-            if name == "clusterkv_pallas" and jax.default_backend() == "cpu" and context > args.pallas_max_context:
-                continue
-            res = median_run([time_decode(model, all_methods[name], context, args.steps, seed=context)
-                              for _ in range(args.repeats)])
-            row["methods"][name] = res
+        names = [n for n in args.methods if not (n == "clusterkv_pallas" and jax.default_backend() == "cpu"
+                                                  and context > args.pallas_max_context)]
+
+        def done(name, runs_of_name, row=row, context=context):
+            row["methods"][name] = median_run(runs_of_name)
             save()
+            res = runs_of_name[-1]
             log(f"{context:>6} {name:>16}: {res['decode_ms_per_token']:.1f} ms/token, index "
                 f"{res['index_build_s']:.2f} s, device KV {res['device_kv_bytes'] / 2**20:.0f} MiB")
+
+        runs = interleaved_runs(names, lambda n: time_decode(model, all_methods[n], context, args.steps, seed=context),
+                                args.repeats, done)
+        row["paired_ratios"] = {k: paired_ratio(runs, a, b) for k, (a, b) in PAIRED_RATIOS.items()}
         if context in args.prefill_lengths and "clusterkv_xla" in row["methods"]:
             row["dense_prefill_s"] = time_prefill(model, context, args.repeats)
             row["clustering_share_of_prefill"] = row["methods"]["clusterkv_xla"]["index_build_s"] / row["dense_prefill_s"]

@@ -11,8 +11,42 @@ def test_median_run_takes_the_median_of_each_timing():
     runs = [{"decode_ms_per_token": ms, "index_build_s": s, "device_kv_bytes": 7}
             for ms, s in ((30.0, 2.0), (90.0, 1.0), (40.0, 5.0))]
     res = method_speed.median_run(runs)
-    assert res == {"decode_ms_per_token": 40.0, "index_build_s": 2.0, "device_kv_bytes": 7, "repeats": 3}
+    assert res == {"decode_ms_per_token": 40.0, "index_build_s": 2.0, "device_kv_bytes": 7, "repeats": 3,
+                   "decode_ms_per_token_runs": [30.0, 90.0, 40.0]}
     assert runs[0]["decode_ms_per_token"] == 30.0  # the runs are not modified
+
+
+def test_interleaved_runs_time_every_method_once_per_round_in_rotated_order():
+    calls, done = [], []
+
+    def measure(name):
+        calls.append(name)
+        return {"decode_ms_per_token": float(len(calls))}
+
+    runs = method_speed.interleaved_runs(["a", "b", "c"], measure, 3, lambda n, rs: done.append((n, len(rs))))
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert done == [("a", 1), ("b", 1), ("c", 1), ("b", 2), ("c", 2), ("a", 2), ("c", 3), ("a", 3), ("b", 3)]
+    assert {n: [r["decode_ms_per_token"] for r in rs] for n, rs in runs.items()} == {
+        "a": [1.0, 6.0, 8.0], "b": [2.0, 4.0, 9.0], "c": [3.0, 5.0, 7.0]}
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # Round 2 ran in a slow spell for both: the ratio of medians (20 / 20) would hide that
+    # `a` takes twice as long as `b` in every other round.
+    ms = lambda *xs: [{"decode_ms_per_token": x, "device_kv_bytes": 4 * x} for x in xs]
+    runs = {"a": ms(10.0, 60.0, 40.0, 20.0), "b": ms(5.0, 60.0, 20.0, 10.0)}
+    assert method_speed.paired_ratio(runs, "a", "b") == 2.0
+    assert method_speed.paired_ratio(runs, "b", "a") == 0.5
+    assert method_speed.paired_ratio(runs, "a", "b", key="device_kv_bytes") == 2.0
+    assert method_speed.paired_ratio(runs, "a", "missing") is None
+
+
+def test_table_ratios_come_from_the_paired_ratios():
+    row = {"context": 4096, "methods": {n: {"decode_ms_per_token": 10.0} for n in ("full", "streaming_llm", "clusterkv_xla")},
+           "paired_ratios": {"full_over_clusterkv": 3.0, "clusterkv_over_streaming_llm": 1.25},
+           "clustering_share_of_prefill": 0.072}
+    last = method_speed.markdown_table([row]).splitlines()[-1]
+    assert last == "| 4096 | 10.0 | 10.0 | 10.0 | 3.00x | 1.25x | 7.2% |"
 
 
 def test_repeats_must_be_positive(capsys):
