@@ -48,10 +48,6 @@ class CacheSpec:
         """Slots the prompt may fill; the rest of `capacity` is for decode steps."""
         return self.capacity if self.prompt_capacity is None else self.prompt_capacity
 
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
 
 @struct.dataclass
 class Cache:

@@ -41,10 +41,6 @@ class StreamLayout:
     max_position: int  # the model's trained context: attended positions stay below it
     dtype: Any = jnp.float32
 
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
 
 @struct.dataclass
 class StreamLayer:
