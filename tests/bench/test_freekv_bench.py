@@ -1,4 +1,4 @@
-"""bench/freekv.py's ratios and table (the timed runs themselves take minutes)."""
+"""bench/freekv.py's ratios and argument check (the timed runs themselves take minutes)."""
 
 from __future__ import annotations
 
