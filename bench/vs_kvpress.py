@@ -528,19 +528,13 @@ def limit_threads(threads: int) -> str:
     return os.environ.get("XLA_FLAGS", "")
 
 
-def enable_compilation_cache(directory: Path) -> None:
-    """Persistent JAX compilation cache: a rerun or `--resume` does not compile the methods again."""
-    import jax
-
-    directory.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run both sides over the grid (see `parse_args`); returns the payload written to `args.output`."""
     xla_flags = limit_threads(args.threads)  # before jax starts its thread pool
-    enable_compilation_cache(args.work / "jax-cache")
+    # A rerun or `--resume` does not compile the methods again.
+    from kvjax.compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache(args.work / "jax-cache", max_bytes=-1, min_compile_s=0.0)
 
     cells = parse_cells(args.cells)
     kv_versions = ensure_venv(args.venv)

@@ -1,7 +1,8 @@
 """kvjax: recallable KV-cache compression for long-context and streaming inference in JAX.
 
 Core (no model imports): `kvjax.methods`, `kvjax.cache`, `kvjax.attention`.
-Front (uses `models`): `kvjax.generate`, `kvjax.eval`, the `kvjax` CLI.
+Front (uses `models`): `kvjax.generate`, `kvjax.eval`, `kvjax.enable_compilation_cache`, the
+`kvjax` CLI.
 """
 
 from kvjax.cache import Cache, CacheSpec, init_cache, kv_bytes
@@ -20,6 +21,10 @@ def __getattr__(name):
         from kvjax import generation as _generation
 
         return getattr(_generation, name)
+    if name == "enable_compilation_cache":
+        from kvjax import compilation_cache as _compilation_cache
+
+        return _compilation_cache.enable_compilation_cache
     if name in ("StreamSession", "StreamAnswer"):
         from kvjax import stream as _stream
 
@@ -43,6 +48,7 @@ __all__ = [
     "StreamSession",
     "StreamingLLM",
     "chat_prompt",
+    "enable_compilation_cache",
     "generate",
     "generate_many",
     "init_cache",

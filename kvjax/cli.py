@@ -141,6 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import jax
 
+    from kvjax.compilation_cache import default_directory
     from kvjax.environment import environment
     from models.loading import embedded_model_path
 
@@ -150,11 +151,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         env["embedded_model"] = f"not installed ({e})"
     env["device_list"] = [str(d) for d in jax.devices()]
+    cache = default_directory()
+    env["compilation_cache"] = "off" if cache is None else str(cache)
     if args.json:
         print(json.dumps(env, indent=2))
     else:
         for k, v in env.items():
-            print(f"{k:16s} {v}")
+            print(f"{k:18s} {v}")
     return 0
 
 
@@ -166,11 +169,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     model = _load_model(args)
     sample = make_sample("passkey", model.tokenizer, args.tokens, depth=0.4, seed=7)
-    print(f"prompt: {sample.context_tokens} tokens with a pass key hidden at 40% depth; "
-          f"the question is fed token by token after prefill. One dense prefill is shared by "
-          f"all methods (prefill times include each method's own indexing).\n")
+    if not args.json:
+        print(f"prompt: {sample.context_tokens} tokens with a pass key hidden at 40% depth; "
+              f"the question is fed token by token after prefill. One dense prefill is shared by "
+              f"all methods (prefill times include each method's own indexing).\n")
     methods = (StreamingLLM(budget=256), Quest(budget=256), ClusterKV(budget=256), Full())
     outputs = generate_many(model, sample.context, methods, question=sample.question, max_new_tokens=8)
+    if args.json:
+        print(json.dumps({
+            "prompt_tokens": sample.context_tokens, "expected": sample.answers[0],
+            "methods": [{"method": m.name, "answer": out.text, "correct": sample.answers[0] in out.text,
+                         "stats": out.stats} for m, out in zip(methods, outputs)],
+        }, default=str))
+        return 0
     for method, out in zip(methods, outputs):
         s = out.stats
         print(f"{method.name:14s} answer: {out.text.strip()!r:20s} "
@@ -180,6 +191,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{s['device_kv_bytes'] / 2**20:.1f} MiB, compile {s['compile_s']:.1f}s\n")
     return 0
 
+
+# Commands that compile models, sped up by the persistent compilation cache on later runs
+# (`kvjax.compilation_cache`). `bench` times compilation itself, so it starts cold.
+COMPILING_COMMANDS = ("generate", "eval", "demo", "stream")
 
 STREAM_METHODS = {"livevlm": "LiveVLM", "fullvideo": "FullVideo", "rekv": "ReKV"}
 STREAM_HYPERPARAMETERS = {
@@ -288,7 +303,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from kvjax.eval.tasks import TASKS
 
-    parser = argparse.ArgumentParser(prog="kvjax", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="kvjax", description=__doc__,
+        epilog="generate, eval, demo and stream keep compiled programs in a persistent cache "
+               "(default ~/.cache/kvjax/xla, under $KVJAX_CACHE_DIR): a second run does not compile them again. "
+               "KVJAX_COMPILATION_CACHE=DIR moves it, KVJAX_COMPILATION_CACHE=off turns it off.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a (long) prompt")
@@ -328,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="long-context generation demo with the embedded model")
     d.add_argument("--model", default="smollm2")
     d.add_argument("--tokens", type=int, default=6000, help="prompt length in tokens")
+    d.add_argument("--json", action="store_true", help="print one JSON object (answers and stats per method)")
     d.set_defaults(func=cmd_demo)
 
     st = sub.add_parser("stream", help="questions about a video streamed into a LLaVA-OneVision model")
@@ -363,6 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(command="bench", func=cmd_bench, bench_args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
+    if args.command in COMPILING_COMMANDS:
+        from kvjax.compilation_cache import enable_compilation_cache
+
+        enable_compilation_cache()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

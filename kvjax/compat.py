@@ -26,6 +26,19 @@ def compiler_options() -> dict[str, Any]:
     return {}
 
 
+def set_compilation_cache(directory: Any, *, max_bytes: int, min_compile_s: float) -> None:
+    """JAX's persistent compilation cache in `directory`, LRU-evicted beyond `max_bytes`
+    (-1: no limit), storing programs that took at least `min_compile_s` to compile.
+
+    Where this jax has no size option, every entry is kept. Eviction locks the directory
+    with the `filelock` package (a dependency).
+    """
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_s))
+    if hasattr(jax.config, "jax_compilation_cache_max_size"):
+        jax.config.update("jax_compilation_cache_max_size", int(max_bytes))
+
+
 def make_auto_mesh(shape: tuple[int, ...], names: tuple[str, ...], devices: list[jax.Device]) -> jax.sharding.Mesh:
     """A device mesh whose axes are all `Auto` (XLA propagates shardings from annotated
     inputs). `jax.make_mesh` defaults to `Explicit` axes (sharding in the types) on 0.10.x;

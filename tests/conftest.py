@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import jax
@@ -12,6 +13,10 @@ jax.config.update("jax_enable_x64", False)
 # Float32 matmuls on GPUs default to TF32 (10-bit mantissa); the tests compare against float32
 # and float64 references, so they ask every backend for full float32 products.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Tests never write the persistent compilation cache in ~/.cache (`kvjax.cli.main` would turn
+# it on); tests of the cache give it a directory of their own.
+os.environ["KVJAX_COMPILATION_CACHE"] = "off"
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -178,3 +178,19 @@ def test_stream_interactive_reads_questions_while_the_video_plays(tiny_vlm, tiny
     for a in answers:
         assert 0 <= a["frames"] <= 6 and a["video_time_s"] == pytest.approx(max(a["frames"] - 1, 0) / 2)
         assert a["tokens"] == _reference_tokens(tiny_vlm, video, a["frames"], a["question"])
+
+
+@pytest.mark.slow
+@needs_model
+def test_demo_json_answers_the_passkey(capsys):
+    """The main job (`make demo`) on a short prompt: Full and ClusterKV find the pass key, every
+    method reports its timings, and the JSON is what `bench/compile_cache.py` reads."""
+    assert main(["demo", "--json", "--tokens", "1000"]) == 0
+    demo = json.loads(capsys.readouterr().out)
+    assert abs(demo["prompt_tokens"] - 1000) <= 50
+    by_method = {m["method"]: m for m in demo["methods"]}
+    assert list(by_method) == ["streaming_llm", "quest", "clusterkv", "full"]
+    for name in ("full", "clusterkv"):
+        assert by_method[name]["correct"] and demo["expected"] in by_method[name]["answer"], by_method[name]
+    for m in demo["methods"]:
+        assert m["stats"]["compile_s"] >= 0 and m["stats"]["decode_ms_per_step"] > 0
