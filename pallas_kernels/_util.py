@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any, Callable, Sequence
+
 import jax
+import jax.experimental.pallas as pl
+import jax.numpy as jnp
+
+from pallas_kernels.compat import SQUEEZED
 
 
 def next_power_of_2(x: int) -> int:
@@ -18,11 +25,52 @@ def check_impl(impl: str) -> None:
         raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
 
 
+def tiled_block_spec(array_shape: Sequence[int], block_shape: Sequence[Any], index_map: Callable) -> Any:
+    """`pl.BlockSpec(block_shape, index_map)` for an operand of `array_shape` that the blocks
+    tile exactly (every dimension a multiple of its block; squeezed dimensions count as 1).
+
+    Triton's lowering does not mask partial blocks: the last block of a dimension that is
+    not a multiple reads past the row's end and, for an output, writes into the next row
+    (another problem, head or sequence), racing with the program that owns it. Interpret
+    mode and Mosaic TPU clip instead, so only a GPU shows it. Wrappers pad their operands
+    to whole blocks and slice the results; this refuses any spec that would not tile.
+    """
+    if len(array_shape) != len(block_shape):
+        raise ValueError(f"block {tuple(block_shape)} has another rank than array {tuple(array_shape)}")
+    for dim, (size, block) in enumerate(zip(array_shape, block_shape)):
+        step = 1 if block is SQUEEZED else block
+        if size % step:
+            raise ValueError(f"block {tuple(block_shape)} does not tile array {tuple(array_shape)} "
+                             f"(dimension {dim}: {size} is not a multiple of {step}); pad to whole blocks")
+    return pl.BlockSpec(tuple(block_shape), index_map)
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
+    """`x` padded with `value` at the end of `axis` to `size` entries (unchanged if already there)."""
+    extra = size - x.shape[axis]
+    if extra < 0:
+        raise ValueError(f"cannot pad axis {axis} of {x.shape} down to {size}")
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+# Set to 1 to compile the refused kernels on a GPU anyway: for the GPU test run that checks
+# them against their references (tests/pallas_kernels), never for results.
+ALLOW_UNVERIFIED_ENV = "KVJAX_ALLOW_UNVERIFIED_GPU_KERNELS"
+
+
 def refuse_unverified_gpu(kernel: str, interpret: bool, why: str) -> None:
-    """Refuse to compile `kernel` for a GPU where it gave wrong results (jax 0.11.2's Triton
-    lowering on an H100, bench/results/gpu-tests-2026-11-23.md): a wrong answer must not pass
-    silently. Interpret mode and `impl="xla"` are unaffected."""
-    if not interpret and jax.default_backend() in ("gpu", "cuda", "rocm"):
-        raise NotImplementedError(
-            f"the Pallas kernel {kernel} disagrees with its reference when compiled for a GPU "
-            f"({why}); use impl='xla' on GPUs")
+    """Refuse to compile `kernel` for a GPU until it has matched its reference there: a wrong
+    answer must not pass silently (bench/results/gpu-tests-2026-11-23.md: jax 0.11.2's
+    Triton lowering on an H100). Interpret mode and `impl="xla"` are unaffected;
+    `$KVJAX_ALLOW_UNVERIFIED_GPU_KERNELS=1` lets a verification run compile it."""
+    if interpret or jax.default_backend() not in ("gpu", "cuda", "rocm"):
+        return
+    if os.environ.get(ALLOW_UNVERIFIED_ENV) == "1":
+        return
+    raise NotImplementedError(
+        f"the Pallas kernel {kernel} is not verified on GPUs ({why}); use impl='xla' on GPUs, or set "
+        f"{ALLOW_UNVERIFIED_ENV}=1 to run it against its reference (tests/pallas_kernels)")

@@ -13,7 +13,7 @@ import jax
 import jax.experimental.pallas as pl
 import jax.numpy as jnp
 
-from pallas_kernels._util import check_impl, next_power_of_2, refuse_unverified_gpu
+from pallas_kernels._util import check_impl, next_power_of_2, pad_axis, refuse_unverified_gpu, tiled_block_spec
 from pallas_kernels.compat import SQUEEZED, compiler_params, resolve_interpret
 
 NORM_EPS = 1e-12
@@ -155,27 +155,31 @@ def _assign_kernel(keys_ref, cent_ref, tok_ref, clu_ref, out_ref, *, num_cluster
 def _kmeans_assign_pallas(keys, centroids, token_valid, cluster_valid, *, interpret, block_keys):
     g, n, d = keys.shape
     num_clusters = centroids.shape[1]
+    # Clusters (small) padded to a power of two, keys to whole blocks; padding is invalid.
     cp = max(_MIN_DOT, next_power_of_2(num_clusters))
-    if cp != num_clusters:  # pad clusters (small) to a power of two; padding is invalid
-        centroids = jnp.pad(centroids, ((0, 0), (0, cp - num_clusters), (0, 0)))
-        cluster_valid = jnp.pad(cluster_valid, ((0, 0), (0, cp - num_clusters)))
     bn = max(_MIN_DOT, min(next_power_of_2(block_keys), next_power_of_2(n)))
+    n_pad = pl.cdiv(n, bn) * bn
+    keys = pad_axis(keys, 1, n_pad)
+    token_valid = pad_axis(token_valid.astype(jnp.int32), 1, n_pad)
+    centroids = pad_axis(centroids, 1, cp)
+    cluster_valid = pad_axis(cluster_valid.astype(jnp.int32), 1, cp)
     kernel = functools.partial(_assign_kernel, num_clusters=num_clusters)
-    return pl.pallas_call(
+    labels = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((g, n), jnp.int32),
-        grid=(g, pl.cdiv(n, bn)),
+        out_shape=jax.ShapeDtypeStruct((g, n_pad), jnp.int32),
+        grid=(g, n_pad // bn),
         in_specs=[
-            pl.BlockSpec((SQUEEZED, bn, d), lambda i, j: (i, j, 0)),
-            pl.BlockSpec((SQUEEZED, cp, d), lambda i, j: (i, 0, 0)),
-            pl.BlockSpec((SQUEEZED, bn), lambda i, j: (i, j)),
-            pl.BlockSpec((SQUEEZED, cp), lambda i, j: (i, 0)),
+            tiled_block_spec(keys.shape, (SQUEEZED, bn, d), lambda i, j: (i, j, 0)),
+            tiled_block_spec(centroids.shape, (SQUEEZED, cp, d), lambda i, j: (i, 0, 0)),
+            tiled_block_spec(token_valid.shape, (SQUEEZED, bn), lambda i, j: (i, j)),
+            tiled_block_spec(cluster_valid.shape, (SQUEEZED, cp), lambda i, j: (i, 0)),
         ],
-        out_specs=pl.BlockSpec((SQUEEZED, bn), lambda i, j: (i, j)),
+        out_specs=tiled_block_spec((g, n_pad), (SQUEEZED, bn), lambda i, j: (i, j)),
         compiler_params=compiler_params(("parallel", "parallel"), interpret),
         interpret=interpret,
         name="kmeans_assign",
-    )(keys, centroids, token_valid.astype(jnp.int32), cluster_valid.astype(jnp.int32))
+    )(keys, centroids, token_valid, cluster_valid)
+    return labels[:, :n]
 
 
 def kmeans_assign_pallas(
@@ -193,17 +197,19 @@ def kmeans_assign_pallas(
     of its problem (padded to a power of two >= 16, padding invalid), takes the [block, C] cosine
     similarities with one matmul (HIGHEST precision, so no TF32 on GPU), and a first-max
     argmax written with max/iota/min. Invalid tokens, non-finite keys and problems without a
-    usable cluster get label C. A partial last key block is safe: rows are independent and
-    out-of-range rows are never written.
+    usable cluster get label C. Keys are padded to whole blocks (invalid) and the labels
+    sliced back: Triton does not mask a partial block (`_util.tiled_block_spec`).
 
-    Verified: CPU interpret mode (jax 0.10). Compiled for an H100 (jax 0.11.2, Triton) it
-    returned wrong labels for G > 1 or a partial key block, so it refuses GPUs for now; not
-    yet run on a TPU. Written for the Triton lowering on GPU (`compat.compiler_params`; static
-    power-of-two blocks >= 16 for its dot, no argmax primitive, comparisons instead of
-    isfinite) and Mosaic TPU (whole-C centroid block in VMEM).
+    Verified: CPU interpret mode (jax 0.10). Compiled for an H100 (jax 0.11.2, Triton) the
+    version before that padding returned wrong labels for G > 1 or a partial key block: its
+    last block wrote past the row into the next problem's labels. Until the padded version
+    has matched the reference on a GPU it refuses GPUs; not yet run on a TPU. Written for
+    the Triton lowering on GPU (`compat.compiler_params`; static power-of-two blocks >= 16
+    for its dot, no argmax primitive, comparisons instead of isfinite) and Mosaic TPU
+    (whole-C centroid block in VMEM).
     """
     interpret = resolve_interpret(interpret)
-    refuse_unverified_gpu("kmeans_assign", interpret, "wrong labels for G > 1 on an H100")
+    refuse_unverified_gpu("kmeans_assign", interpret, "wrong labels on an H100 before its blocks were padded")
     return _kmeans_assign_pallas(
         keys,
         centroids,
@@ -256,32 +262,35 @@ def _kmeans_update_pallas(keys, labels, centroids, *, interpret, block_keys, blo
     bn = max(_MIN_DOT, min(next_power_of_2(block_keys), next_power_of_2(n)))
     bc = max(_MIN_DOT, min(next_power_of_2(block_clusters), next_power_of_2(num_clusters)))
     n_pad = pl.cdiv(n, bn) * bn
-    labels = labels.astype(jnp.int32)
-    if n_pad != n:  # padded keys are zeros labelled "no cluster"
-        keys = jnp.pad(keys, ((0, 0), (0, n_pad - n), (0, 0)))
-        labels = jnp.pad(labels, ((0, 0), (0, n_pad - n)), constant_values=num_clusters)
+    c_pad = pl.cdiv(num_clusters, bc) * bc
+    # Padded keys are zeros labelled "no cluster"; padded clusters (ids >= C) get no key
+    # (label C's keys are zeroed in the kernel) and are sliced off.
+    keys = pad_axis(keys, 1, n_pad)
+    labels = pad_axis(labels.astype(jnp.int32), 1, n_pad, num_clusters)
+    centroids = pad_axis(centroids, 1, c_pad)
     kernel = functools.partial(_update_kernel, num_clusters=num_clusters, bn=bn, bc=bc)
-    return pl.pallas_call(
+    sums, sizes = pl.pallas_call(
         kernel,
         out_shape=(
-            jax.ShapeDtypeStruct((g, num_clusters, d), jnp.float32),
-            jax.ShapeDtypeStruct((g, num_clusters), jnp.int32),
+            jax.ShapeDtypeStruct((g, c_pad, d), jnp.float32),
+            jax.ShapeDtypeStruct((g, c_pad), jnp.int32),
         ),
-        grid=(g, pl.cdiv(num_clusters, bc)),
+        grid=(g, c_pad // bc),
         in_specs=[
-            pl.BlockSpec((SQUEEZED, n_pad, d), lambda i, j: (i, 0, 0)),
-            pl.BlockSpec((SQUEEZED, 1, n_pad), lambda i, j: (i, 0, 0)),
-            pl.BlockSpec((SQUEEZED, n_pad, 1), lambda i, j: (i, 0, 0)),
-            pl.BlockSpec((SQUEEZED, bc, d), lambda i, j: (i, j, 0)),
+            tiled_block_spec(keys.shape, (SQUEEZED, n_pad, d), lambda i, j: (i, 0, 0)),
+            tiled_block_spec((g, 1, n_pad), (SQUEEZED, 1, n_pad), lambda i, j: (i, 0, 0)),
+            tiled_block_spec((g, n_pad, 1), (SQUEEZED, n_pad, 1), lambda i, j: (i, 0, 0)),
+            tiled_block_spec(centroids.shape, (SQUEEZED, bc, d), lambda i, j: (i, j, 0)),
         ],
         out_specs=(
-            pl.BlockSpec((SQUEEZED, bc, d), lambda i, j: (i, j, 0)),
-            pl.BlockSpec((SQUEEZED, bc), lambda i, j: (i, j)),
+            tiled_block_spec((g, c_pad, d), (SQUEEZED, bc, d), lambda i, j: (i, j, 0)),
+            tiled_block_spec((g, c_pad), (SQUEEZED, bc), lambda i, j: (i, j)),
         ),
         compiler_params=compiler_params(("parallel", "parallel"), interpret),
         interpret=interpret,
         name="kmeans_update",
     )(keys, labels[:, None, :], labels[:, :, None], centroids)
+    return sums[:, :num_clusters], sizes[:, :num_clusters]
 
 
 def kmeans_update_pallas(
@@ -300,10 +309,13 @@ def kmeans_update_pallas(
     label is not a cluster (NaN/Inf included), and accumulates per-cluster sums with a
     one-hot [clusters, keys] x [keys, d] matmul (HIGHEST precision) and sizes with a row sum
     of the one-hot. Empty clusters keep their centroid. Labels are passed twice (as a row and
-    as a column) so no in-kernel transpose is needed.
+    as a column) so no in-kernel transpose is needed. Clusters are padded to whole blocks
+    and sliced back: Triton does not mask a partial block (`_util.tiled_block_spec`).
 
-    Verified: CPU interpret mode (jax 0.10). Compiled for an H100 (jax 0.11.2, Triton) its
-    sums and sizes were wrong, so it refuses GPUs for now; not yet run on a TPU. Written
+    Verified: CPU interpret mode (jax 0.10). Compiled for an H100 (jax 0.11.2, Triton) the
+    version before that padding gave wrong sums and sizes: its last cluster block wrote past
+    the problem's rows. Until the padded version has matched the reference on a GPU it
+    refuses GPUs; not yet run on a TPU. Written
     for the Triton lowering (the [n, d] key slab is a pointer there, power-of-two blocks
     >= 16 are sliced out with `pl.ds` in a `fori_loop`). On TPU the whole slab would be
     copied to VMEM, which bounds n * d (a production TPU version would stream key blocks
@@ -311,7 +323,7 @@ def kmeans_update_pallas(
     (the reference's scatter-add does n * d): dense, atomic-free work instead.
     """
     interpret = resolve_interpret(interpret)
-    refuse_unverified_gpu("kmeans_update", interpret, "wrong cluster sums and sizes on an H100")
+    refuse_unverified_gpu("kmeans_update", interpret, "wrong sums on an H100 before its blocks were padded")
     return _kmeans_update_pallas(
         keys,
         labels,

@@ -12,7 +12,7 @@ import jax
 import jax.experimental.pallas as pl
 import jax.numpy as jnp
 
-from pallas_kernels._util import check_impl, next_power_of_2, refuse_unverified_gpu
+from pallas_kernels._util import check_impl, next_power_of_2, pad_axis, refuse_unverified_gpu, tiled_block_spec
 from pallas_kernels.compat import SQUEEZED, compiler_params, resolve_interpret
 
 
@@ -69,32 +69,33 @@ def _page_kernel(q_ref, lo_ref, hi_ref, valid_ref, out_ref, *, group):
 
 def _grouped_call(kernel, q, tables, valid, *, interpret, block, name):
     """Grid (B, Hkv, blocks of `block` entries): one step scores one block of one KV head's
-    entries against all G query heads of that head. A partial last block is safe (entries
-    are independent, out-of-range entries are never written)."""
+    entries against all G query heads of that head. Entries are padded to whole blocks
+    (invalid) and sliced back: Triton does not mask a partial block (`tiled_block_spec`)."""
     b, hq, d = q.shape
     _, hkv, c, _ = tables[0].shape
     g = hq // hkv
     gp = next_power_of_2(g)  # rows >= g are padding: zero in q, never written in out
-    qg = q.reshape(b, hkv, g, d)
-    if gp != g:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    qg = pad_axis(q.reshape(b, hkv, g, d), 2, gp)
     bc = min(next_power_of_2(block), next_power_of_2(c))
-    table_spec = pl.BlockSpec((SQUEEZED, SQUEEZED, bc, d), lambda i, h, j: (i, h, j, 0))
+    c_pad = pl.cdiv(c, bc) * bc
+    tables = [pad_axis(t, 2, c_pad) for t in tables]
+    valid = pad_axis(valid.astype(jnp.int32), 2, c_pad)
+    table_spec = tiled_block_spec(tables[0].shape, (SQUEEZED, SQUEEZED, bc, d), lambda i, h, j: (i, h, j, 0))
     out = pl.pallas_call(
         functools.partial(kernel, group=g),
-        out_shape=jax.ShapeDtypeStruct((b, hkv, gp, c), jnp.float32),
-        grid=(b, hkv, pl.cdiv(c, bc)),
+        out_shape=jax.ShapeDtypeStruct((b, hkv, gp, c_pad), jnp.float32),
+        grid=(b, hkv, c_pad // bc),
         in_specs=[
-            pl.BlockSpec((SQUEEZED, SQUEEZED, gp, d), lambda i, h, j: (i, h, 0, 0)),
+            tiled_block_spec(qg.shape, (SQUEEZED, SQUEEZED, gp, d), lambda i, h, j: (i, h, 0, 0)),
             *([table_spec] * len(tables)),
-            pl.BlockSpec((SQUEEZED, SQUEEZED, bc), lambda i, h, j: (i, h, j)),
+            tiled_block_spec(valid.shape, (SQUEEZED, SQUEEZED, bc), lambda i, h, j: (i, h, j)),
         ],
-        out_specs=pl.BlockSpec((SQUEEZED, SQUEEZED, gp, bc), lambda i, h, j: (i, h, 0, j)),
+        out_specs=tiled_block_spec((b, hkv, gp, c_pad), (SQUEEZED, SQUEEZED, gp, bc), lambda i, h, j: (i, h, 0, j)),
         compiler_params=compiler_params(("parallel", "parallel", "parallel"), interpret),
         interpret=interpret,
         name=name,
-    )(qg, *tables, valid.astype(jnp.int32))
-    return out[:, :, :g].reshape(b, hq, c)
+    )(qg, *tables, valid)
+    return out[:, :, :g, :c].reshape(b, hq, c)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block"))
@@ -127,15 +128,18 @@ def centroid_scores_pallas(
     centroids once and scores it against all G query heads of the group (static unroll).
 
     Verified: CPU interpret mode (jax 0.10) and, for float32 inputs, compiled for an H100
-    (jax 0.11.2, Triton); bfloat16 inputs gave wrong scores there, so a GPU refuses them for
-    now. Not yet run on a TPU. Written for the Triton lowering on GPU (selected by `compat.compiler_params`): static
+    (jax 0.11.2, Triton). The bfloat16 test case gave wrong scores there. Its last block
+    (130 entries in blocks of 32) overflowed every row into the next and, with G = 4, no
+    padding row caught the last row's overflow, which landed in the next KV head's scores:
+    the likely cause is that unpadded block (now padded), not bfloat16. Until bfloat16 has
+    matched the reference on a GPU it is refused there. Not yet run on a TPU. Written for the Triton lowering on GPU (selected by `compat.compiler_params`): static
     power-of-two blocks, elementwise products and row sums instead of a [G, d] x [d, C]
     matmul (Triton's dot rejects G < 16), and the [G, d] query-group block zero-padded to a
     power of two (3 -> 4; padded rows are never computed).
     """
     interpret = resolve_interpret(interpret)
     if centroids.dtype != jnp.float32:
-        refuse_unverified_gpu("centroid_scores", interpret, f"{centroids.dtype} centroids on an H100")
+        refuse_unverified_gpu("centroid_scores", interpret, f"{centroids.dtype} centroids were wrong on an H100")
     return _centroid_scores_pallas(q, centroids, valid, interpret=interpret, block=block)
 
 
@@ -154,15 +158,18 @@ def page_scores_pallas(
     min/max digests once and computes Quest's bound for all G query heads of the group.
 
     Verified: CPU interpret mode (jax 0.10) and, for float32 inputs, compiled for an H100
-    (jax 0.11.2, Triton); bfloat16 inputs gave wrong scores there, so a GPU refuses them for
-    now. Not yet run on a TPU. Written for the Triton lowering on GPU (selected by `compat.compiler_params`): static
+    (jax 0.11.2, Triton). The bfloat16 test case gave wrong scores there. Its last block
+    (130 entries in blocks of 32) overflowed every row into the next and, with G = 4, no
+    padding row caught the last row's overflow, which landed in the next KV head's scores:
+    the likely cause is that unpadded block (now padded), not bfloat16. Until bfloat16 has
+    matched the reference on a GPU it is refused there. Not yet run on a TPU. Written for the Triton lowering on GPU (selected by `compat.compiler_params`): static
     power-of-two blocks, elementwise products and row sums instead of a [G, d] x [d, C]
     matmul (Triton's dot rejects G < 16), and the [G, d] query-group block zero-padded to a
     power of two (3 -> 4; padded rows are never computed).
     """
     interpret = resolve_interpret(interpret)
     if page_min.dtype != jnp.float32:
-        refuse_unverified_gpu("page_scores", interpret, f"{page_min.dtype} digests on an H100")
+        refuse_unverified_gpu("page_scores", interpret, f"{page_min.dtype} digests were wrong on an H100")
     return _page_scores_pallas(q, page_min, page_max, valid, interpret=interpret, block=block)
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.experimental.pallas as pl
 import jax.numpy as jnp
 
-from pallas_kernels._util import check_impl, next_power_of_2
+from pallas_kernels._util import check_impl, next_power_of_2, tiled_block_spec
 from pallas_kernels.compat import (
     SQUEEZED,
     compiler_params,
@@ -160,17 +160,16 @@ def _sparse_decode_attention_pallas(
     grid = (b, hq, nc)
     # With scalar prefetch, index maps also receive the prefetched refs (ignored here).
     im = lambda f: (lambda i, h, c, *_: f(i, h, c))
-    q_spec = pl.BlockSpec((SQUEEZED, SQUEEZED, 1, d), im(lambda i, h, c: (i, h, 0, 0)))
+    q4 = q.reshape(b, hq, 1, d)
+    q_spec = tiled_block_spec(q4.shape, (SQUEEZED, SQUEEZED, 1, d), im(lambda i, h, c: (i, h, 0, 0)))
     # The whole [S, d] slab of the query head's KV head; blocks are sliced out by index.
-    kv_spec = pl.BlockSpec((SQUEEZED, SQUEEZED, s, d), im(lambda i, h, c: (i, h // g, 0, 0)))
-    mask_spec = pl.BlockSpec((SQUEEZED, SQUEEZED, cb * bs, 1), im(lambda i, h, c: (i, h, c, 0)))
-    stat_specs = (
-        pl.BlockSpec((SQUEEZED, SQUEEZED, 1, d), im(lambda i, h, c: (i, h, c, 0))),
-        pl.BlockSpec((SQUEEZED, SQUEEZED, 1, 1), im(lambda i, h, c: (i, h, c, 0))),
-        pl.BlockSpec((SQUEEZED, SQUEEZED, 1, 1), im(lambda i, h, c: (i, h, c, 0))),
+    kv_spec = tiled_block_spec(k.shape, (SQUEEZED, SQUEEZED, s, d), im(lambda i, h, c: (i, h // g, 0, 0)))
+    mask_spec = tiled_block_spec(mask.shape, (SQUEEZED, SQUEEZED, cb * bs, 1), im(lambda i, h, c: (i, h, c, 0)))
+    stat_specs = tuple(
+        tiled_block_spec(o.shape, (SQUEEZED, SQUEEZED, 1, o.shape[-1]), im(lambda i, h, c: (i, h, c, 0)))
+        for o in out_shape
     )
     params = compiler_params(("parallel", "parallel", "parallel"), interpret)
-    q4 = q.reshape(b, hq, 1, d)
     if scalar_prefetch:
         grid_spec = scalar_prefetch_grid_spec(
             1, grid, [q_spec, kv_spec, kv_spec, mask_spec], stat_specs
@@ -180,7 +179,7 @@ def _sparse_decode_attention_pallas(
             interpret=interpret, name="sparse_decode_attention",
         )(idx, q4, k, v, mask)
     else:
-        idx_spec = pl.BlockSpec((SQUEEZED, SQUEEZED, cb), lambda i, h, c: (i, h, c))
+        idx_spec = tiled_block_spec(idx.shape, (SQUEEZED, SQUEEZED, cb), lambda i, h, c: (i, h, c))
         acc, m, l = pl.pallas_call(
             kernel, out_shape=out_shape, grid=grid,
             in_specs=[q_spec, idx_spec, kv_spec, kv_spec, mask_spec], out_specs=stat_specs,

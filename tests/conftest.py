@@ -17,6 +17,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Tests never write the persistent compilation cache in ~/.cache (`kvjax.cli.main` would turn
 # it on); tests of the cache give it a directory of their own.
 os.environ["KVJAX_COMPILATION_CACHE"] = "off"
+# The test suite is the verification run of the Pallas kernels that refuse GPUs until they
+# have matched their references there (`pallas_kernels._util.refuse_unverified_gpu`): on a
+# GPU it compiles them and compares; on a CPU they run in interpret mode anyway.
+os.environ["KVJAX_ALLOW_UNVERIFIED_GPU_KERNELS"] = "1"
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -8,6 +8,7 @@ that are not multiples of the kernels' blocks, and the edge cases of each operat
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import jax
@@ -552,3 +553,109 @@ def test_dispatcher_rejects_unknown_impl(module, name, nargs, bad):
     args = tuple(object() for _ in range(nargs))
     with pytest.raises(ValueError, match=r"impl.*'xla'.*'pallas'"):
         getattr(pk, name)(*args, impl=bad)
+
+
+# ----------------------------------------------------------------------------------------
+# Whole blocks (Triton does not mask a partial block) and the GPU refusal
+# ----------------------------------------------------------------------------------------
+
+
+def test_tiled_block_spec_refuses_a_partial_block():
+    from pallas_kernels._util import tiled_block_spec
+
+    index_map = lambda i, j: (i, j)
+    assert tiled_block_spec((3, 256), (compat.SQUEEZED, 64), index_map) is not None
+    with pytest.raises(ValueError, match=r"dimension 1: 200 is not a multiple of 64"):
+        tiled_block_spec((3, 200), (compat.SQUEEZED, 64), index_map)
+    with pytest.raises(ValueError, match="another rank"):
+        tiled_block_spec((3, 200, 4), (compat.SQUEEZED, 64), index_map)
+
+
+def _block_size(dim) -> int:
+    if isinstance(dim, int):
+        return dim
+    return getattr(dim, "block_size", 1)  # squeezed: 1 (None or a marker object, by jax version)
+
+
+def _pallas_tilings(jaxpr):
+    """(array shape, block sizes) of every operand and output of every pallas_call in `jaxpr`."""
+    from jax.extend.core import jaxprs_in_params
+
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            for bm in eqn.params["grid_mapping"].block_mappings:
+                aval = getattr(bm, "array_aval", None) or getattr(bm, "array_shape_dtype")
+                found.append((tuple(aval.shape), tuple(_block_size(d) for d in bm.block_shape)))
+        for sub in jaxprs_in_params(eqn.params):
+            found += _pallas_tilings(sub)
+    return found
+
+
+def test_every_kernel_tiles_its_arrays_exactly():
+    """On shapes that are not multiples of any block (G > 1, 200 keys, 37 clusters, 130
+    entries with G = 4, n = 50 selected tokens), every operand of every kernel is covered by
+    whole blocks. The previous kernels' last blocks wrote past their rows on an H100."""
+    rng = rng_for("tiling")
+    keys, centroids, tv, cv = map(jnp.asarray, kmeans_inputs(rng, 3, 200, 64, 37))
+    labels = kmeans_assign_ref(keys, centroids, tv, cv)
+    q = jnp.asarray(normal(rng, (2, 8, 16)))
+    table = jnp.asarray(normal(rng, (2, 2, 130, 16)))
+    valid = jnp.asarray(rng.random((2, 2, 130)) < 0.8)
+    sparse = tuple(map(jnp.asarray, sparse_inputs(rng, 2, 9, 3, 64, 160, 1, 50, "4d")))
+    calls = [
+        (functools.partial(pk.kmeans_assign_pallas, block_keys=64), (keys, centroids, tv, cv)),
+        (functools.partial(pk.kmeans_update_pallas, block_keys=64, block_clusters=16), (keys, labels, centroids)),
+        (functools.partial(pk.centroid_scores_pallas, block=32), (q, table, valid)),
+        (functools.partial(pk.page_scores_pallas, block=32), (q, table, table + 1.0, valid)),
+        (functools.partial(pk.sparse_decode_attention_pallas, chunk=16, scalar_prefetch=False), sparse),
+    ]
+    for fn, args in calls:
+        tilings = _pallas_tilings(jax.make_jaxpr(fn)(*args).jaxpr)
+        assert tilings, fn
+        for shape, block in tilings:
+            assert all(size % step == 0 for size, step in zip(shape, block)), (fn, shape, block)
+
+
+def test_unverified_kernels_refuse_a_gpu_unless_a_verification_run_allows_them(monkeypatch):
+    from pallas_kernels import _util
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv(_util.ALLOW_UNVERIFIED_ENV, raising=False)
+    with pytest.raises(NotImplementedError, match=r"kmeans_assign is not verified on GPUs.*KVJAX_ALLOW_UNVERIFIED"):
+        _util.refuse_unverified_gpu("kmeans_assign", interpret=False, why="test")
+    _util.refuse_unverified_gpu("kmeans_assign", interpret=True, why="test")  # interpret mode runs anywhere
+    monkeypatch.setenv(_util.ALLOW_UNVERIFIED_ENV, "1")
+    _util.refuse_unverified_gpu("kmeans_assign", interpret=False, why="test")
+
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def test_every_kernel_passes_the_triton_lowering(monkeypatch):
+    """Each kernel lowered for CUDA on this machine (cross-platform lowering with the Triton
+    compiler parameters a GPU backend selects): Triton's lowering rules run here, so
+    non-power-of-two in-kernel shapes or unsupported operations fail without a GPU.
+    Compiling and running the Triton code still needs one."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what compat.compiler_params asks
+    S = jax.ShapeDtypeStruct
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    calls = {
+        "kmeans_assign": (functools.partial(pk.kmeans_assign_pallas, block_keys=64),
+                          (S((3, 200, 64), f32), S((3, 37, 64), f32), S((3, 200), bool), S((3, 37), bool))),
+        "kmeans_update": (functools.partial(pk.kmeans_update_pallas, block_keys=64, block_clusters=16),
+                          (S((3, 200, 64), f32), S((3, 200), jnp.int32), S((3, 37, 64), f32))),
+        "centroid_scores": (functools.partial(pk.centroid_scores_pallas, block=32),
+                            (S((2, 8, 64), bf16), S((2, 2, 130, 64), bf16), S((2, 2, 130), bool))),
+        "page_scores": (functools.partial(pk.page_scores_pallas, block=16),
+                        (S((2, 9, 64), f32), S((2, 3, 45, 64), f32), S((2, 3, 45, 64), f32), S((2, 3, 45), bool))),
+        "sparse_decode_attention": (functools.partial(pk.sparse_decode_attention_pallas, chunk=16),
+                                    (S((2, 9, 64), f32), S((2, 3, 160, 64), bf16), S((2, 3, 160, 64), bf16),
+                                     S((2, 9, 50), jnp.int32), S((2, 9, 50, 1), bool))),
+    }
+    for name, (fn, args) in calls.items():
+        exported = jax.export.export(
+            jax.jit(fn), platforms=("cuda",),
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+        )(*args)
+        assert exported.mlir_module().count(TRITON_CALL) == 1, name
