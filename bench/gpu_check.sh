@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The prepared device check for a session that is lent a GPU: one call of about 8 minutes,
+#   run(command="bash bench/gpu_check.sh", timeout_s=600)
+# It does the open GPU items of the ClusterKV and FreeKV issues, each step time-boxed so that
+# one hanging or aborting step does not cost the others:
+#   1. pallas.log: every Pallas kernel compiled for the GPU against its reference (the test
+#      suite allows the kernels that refuse GPUs until verified). If the K-means and
+#      bfloat16 score kernels pass, remove their `refuse_unverified_gpu` calls.
+#   2. freekv_offload.log: FreeKV's host offload and streamed recall (first GPU compile).
+#   3. clusterkv_offload.log: ClusterKV's host recall (one configuration aborted the XLA GPU
+#      compiler on 2026-11-23), in its own process because an abort ends the process.
+#   4. freekv-gpu.json: bench/freekv.py (speculative vs synchronous offload vs on device).
+# Everything lands in $OUT (the device tool's folder; bench/results/gpu-check by hand).
+# CONTEXTS overrides bench/freekv.py's contexts (default 8192 16384 32768).
+set -u
+OUT=${OUT:-bench/results/gpu-check}
+PY=${PYTHON:-python3}
+CONTEXTS=${CONTEXTS:-8192 16384 32768}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+
+step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, report the exit status
+  local name=$1 seconds=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc after $((SECONDS - start)) s ($(tail -n 1 "$OUT/$name.log"))"
+}
+
+{ nvidia-smi -L; $PY -c "import jax, sys; print(sys.version); print(jax.__version__, jax.devices())"; } \
+  >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+step pallas 150 $PY -m pytest -q -p no:cacheprovider tests/pallas_kernels
+step freekv_offload 120 $PY -m pytest -q -p no:cacheprovider tests/kvjax/test_freekv.py -k "offload or stream"
+step clusterkv_offload 120 $PY -m pytest -q -p no:cacheprovider tests/kvjax/test_clusterkv_offload.py
+# shellcheck disable=SC2086  # CONTEXTS is a list of numbers
+step freekv_bench 150 $PY -m bench.freekv --contexts $CONTEXTS --repeats 3 --output "$OUT/freekv-gpu.json"
