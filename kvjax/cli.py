@@ -168,7 +168,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kvjax.methods import ClusterKV, Full, Quest, StreamingLLM
 
     model = _load_model(args)
-    sample = make_sample("passkey", model.tokenizer, args.tokens, depth=0.4, seed=7)
+    try:
+        sample = make_sample("passkey", model.tokenizer, args.tokens, depth=0.4, seed=7)
+    except ValueError as e:
+        raise SystemExit(f"--tokens: {e}") from None
     if not args.json:
         print(f"prompt: {sample.context_tokens} tokens with a pass key hidden at 40% depth; "
               f"the question is fed token by token after prefill. One dense prefill is shared by "

@@ -180,6 +180,12 @@ def test_stream_interactive_reads_questions_while_the_video_plays(tiny_vlm, tiny
         assert a["tokens"] == _reference_tokens(tiny_vlm, video, a["frames"], a["question"])
 
 
+@needs_model
+def test_demo_rejects_a_prompt_too_short_for_the_passkey():
+    with pytest.raises(SystemExit, match=r"--tokens: target_tokens=10 is too small"):
+        main(["demo", "--tokens", "10"])
+
+
 @pytest.mark.slow
 @needs_model
 def test_demo_json_answers_the_passkey(capsys):
