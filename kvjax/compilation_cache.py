@@ -9,7 +9,9 @@ a process-wide JAX setting on import).
 Entries live in `<kvjax cache dir>/xla` (`$KVJAX_CACHE_DIR`, default `~/.cache/kvjax`), are
 keyed by JAX on the program, the compile options, the backend and the jax/jaxlib versions,
 and are evicted least-recently-used beyond `max_bytes`. `KVJAX_COMPILATION_CACHE=off`
-turns the cache off; a directory there puts it elsewhere.
+turns the cache off; a directory there puts it elsewhere. An entry cut short (a process
+killed while writing it) makes JAX warn "Error reading persistent compilation cache entry"
+and compile again on every run, as it never overwrites an entry: delete the directory.
 """
 
 from __future__ import annotations
