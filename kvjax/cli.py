@@ -119,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from kvjax.eval import runner
-    from kvjax.eval.tasks import default_haystack_path
+    from kvjax.eval.tasks import ContextTooShortError, default_haystack_path
 
     model = _load_model(args)
     methods = [_method_from_args(m, args, strict=len(args.methods) == 1) for m in args.methods]
@@ -129,8 +129,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise SystemExit("perplexity: give --text FILE (the default novel in ../shared/data is absent)")
         rows = runner.run_perplexity(model, text, args.lengths, methods, score_tokens=args.score_tokens)
     else:
-        rows = runner.run_task(model, args.task, args.lengths, args.depths, range(args.seeds), methods,
-                               haystack=args.haystack, max_new_tokens=args.max_new_tokens)
+        try:
+            rows = runner.run_task(model, args.task, args.lengths, args.depths, range(args.seeds), methods,
+                                   haystack=args.haystack, max_new_tokens=args.max_new_tokens)
+        except ContextTooShortError as e:
+            raise SystemExit(f"--lengths: {e}") from None
     print(runner.format_table(runner.summarize(rows)))
     if args.output:
         path = runner.write_results(args.output, rows, task=args.task, model=args.model)
@@ -163,14 +166,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Long-context generation with the embedded model: a passkey hidden in a long prompt."""
-    from kvjax.eval.tasks import make_sample
+    from kvjax.eval.tasks import ContextTooShortError, make_sample
     from kvjax.generation import generate_many
     from kvjax.methods import ClusterKV, Full, Quest, StreamingLLM
 
     model = _load_model(args)
     try:
         sample = make_sample("passkey", model.tokenizer, args.tokens, depth=0.4, seed=7)
-    except ValueError as e:
+    except ContextTooShortError as e:
         raise SystemExit(f"--tokens: {e}") from None
     if not args.json:
         print(f"prompt: {sample.context_tokens} tokens with a pass key hidden at 40% depth; "

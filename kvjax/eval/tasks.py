@@ -102,6 +102,10 @@ class Tokenizer(Protocol):
     def encode(self, text: str, *args: Any, **kwargs: Any) -> Sequence[int]: ...
 
 
+class ContextTooShortError(ValueError):
+    """`target_tokens` cannot hold the task's instruction, needle(s) and question."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """One evaluation prompt: prefill ``context``, feed ``question``, score the continuation."""
@@ -330,7 +334,7 @@ def _fit(layout: _Layout, tokenizer: Tokenizer, target: int, task: str) -> tuple
 
     base, base_joint = measure(render(0, 0))
     if base > target:
-        raise ValueError(
+        raise ContextTooShortError(
             f"target_tokens={target} is too small for task {task!r}: its instruction, needle(s) and "
             f"question alone take {base} tokens; use target_tokens >= {base}"
         )

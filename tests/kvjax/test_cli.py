@@ -181,9 +181,13 @@ def test_stream_interactive_reads_questions_while_the_video_plays(tiny_vlm, tiny
 
 
 @needs_model
-def test_demo_rejects_a_prompt_too_short_for_the_passkey():
-    with pytest.raises(SystemExit, match=r"--tokens: target_tokens=10 is too small"):
-        main(["demo", "--tokens", "10"])
+@pytest.mark.parametrize("argv,flag", [
+    (["demo", "--tokens", "10"], "--tokens"),
+    (["eval", "passkey", "--lengths", "10", "--methods", "full"], "--lengths"),
+])
+def test_a_prompt_too_short_for_the_task_names_the_flag(argv, flag):
+    with pytest.raises(SystemExit, match=rf"{flag}: target_tokens=10 is too small for task 'passkey'"):
+        main(argv)
 
 
 @pytest.mark.slow
