@@ -45,17 +45,19 @@ def enable_compilation_cache(
     max_bytes: int = DEFAULT_MAX_BYTES,
     min_compile_s: float | None = None,
 ) -> Path | None:
-    """Store compiled executables in `directory` (default: `default_directory()`) and reuse
-    them across processes. Returns the directory in use, or None when the cache stays off.
+    """Store compiled executables in `directory` and reuse them across processes. Returns the
+    directory in use, or None when the cache stays off.
+
+    Without `directory`: a directory already set through JAX (`JAX_COMPILATION_CACHE_DIR`)
+    is kept, else `default_directory()` (which `KVJAX_COMPILATION_CACHE=off` turns off).
 
     Only programs that took at least `min_compile_s` to compile are stored (None: JAX's
     `jax_persistent_cache_min_compile_time_secs`, 1 s unless set): small helper programs
     would cost a file each and load no faster than they compile.
 
     Call it before the first compilation of the process: JAX decides once whether a process
-    uses the cache. A directory already set through JAX (`JAX_COMPILATION_CACHE_DIR`) is kept.
-    A directory that cannot be created leaves the cache off with a warning, never an error:
-    the cache only saves time.
+    uses the cache. A directory that cannot be created leaves the cache off with a warning,
+    never an error: the cache only saves time.
     """
     if max_bytes < -1:
         raise ValueError(f"max_bytes must be -1 (no limit) or >= 0, got {max_bytes}")
@@ -63,12 +65,14 @@ def enable_compilation_cache(
         min_compile_s = jax.config.jax_persistent_cache_min_compile_time_secs
     if min_compile_s < 0:
         raise ValueError(f"min_compile_s must be >= 0, got {min_compile_s}")
-    configured = jax.config.jax_compilation_cache_dir
-    if configured:
-        return Path(configured)
-    target = Path(directory).expanduser() if directory is not None else default_directory()
-    if target is None:
-        return None
+    if directory is not None:
+        target = Path(directory).expanduser()
+    elif jax.config.jax_compilation_cache_dir:
+        target = Path(jax.config.jax_compilation_cache_dir)
+    else:
+        target = default_directory()
+        if target is None:
+            return None
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:

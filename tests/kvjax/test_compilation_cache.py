@@ -57,6 +57,23 @@ def test_an_uncreatable_directory_leaves_the_cache_off(tmp_path, capsys):
     assert "compilation cache off, cannot create" in capsys.readouterr().err
 
 
+def test_an_explicit_directory_wins_over_jax_and_jax_over_the_default(tmp_path):
+    """In a fresh process (the setting is process-wide): JAX_COMPILATION_CACHE_DIR is kept
+    when no directory is given, and even KVJAX_COMPILATION_CACHE=off does not undo it; a
+    directory argument replaces it."""
+    script = (
+        "import sys, jax\n"
+        "from kvjax.compilation_cache import enable_compilation_cache\n"
+        "print(enable_compilation_cache())\n"
+        "print(enable_compilation_cache(sys.argv[1], min_compile_s=0.0))\n"
+        "print(jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)\n"
+    )
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax"), ENV_VAR: "off"}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "mine")], capture_output=True, text=True,
+                         env=env, cwd=REPO, timeout=120, check=True)
+    assert out.stdout.split("\n")[:3] == [str(tmp_path / "jax"), str(tmp_path / "mine"), f"{tmp_path / 'mine'} 0.0"]
+
+
 def _run(argv: list[str], cache: Path) -> tuple[dict, dict[str, int]]:
     env = {**os.environ, ENV_VAR: str(cache)}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
