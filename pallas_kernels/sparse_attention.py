@@ -14,7 +14,7 @@ import jax
 import jax.experimental.pallas as pl
 import jax.numpy as jnp
 
-from pallas_kernels._util import check_impl, next_power_of_2, tiled_block_spec
+from pallas_kernels._util import check_impl, next_power_of_2, pad_axis, tiled_block_spec
 from pallas_kernels.compat import (
     SQUEEZED,
     compiler_params,
@@ -143,11 +143,9 @@ def _sparse_decode_attention_pallas(
     idx = indices.astype(jnp.int32)
     idx = jnp.clip(jnp.where(idx < 0, idx + num_blocks, idx), 0, num_blocks - 1)
     mask = valid if valid.ndim == 4 else jnp.broadcast_to(valid[..., None], (b, hq, n, bs))
-    mask = mask.astype(jnp.int32)
-    if n_pad != n:  # small per-head metadata only; K/V are never padded or copied
-        idx = jnp.pad(idx, ((0, 0), (0, 0), (0, n_pad - n)))
-        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, n_pad - n), (0, 0)))
-    mask = mask.reshape(b, hq, n_pad * bs, 1)
+    # Padded to whole chunks: small per-head metadata only; K/V are never padded or copied.
+    idx = pad_axis(idx, 2, n_pad)
+    mask = pad_axis(mask.astype(jnp.int32), 2, n_pad).reshape(b, hq, n_pad * bs, 1)
 
     kernel = functools.partial(
         _chunk_kernel, n=n, cb=cb, bs=bs, scale=1.0 / float(d) ** 0.5, prefetch=scalar_prefetch
