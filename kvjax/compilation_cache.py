@@ -23,7 +23,6 @@ from pathlib import Path
 import jax
 
 from kvjax.compat import set_compilation_cache
-from models.checkpoint import cache_root
 
 ENV_VAR = "KVJAX_COMPILATION_CACHE"
 OFF = ("0", "off", "false", "no")
@@ -36,7 +35,11 @@ def default_directory() -> Path | None:
     value = os.environ.get(ENV_VAR, "").strip()
     if value.lower() in OFF:
         return None
-    return Path(value).expanduser() if value else cache_root() / "xla"
+    if value:
+        return Path(value).expanduser()
+    from models.checkpoint import cache_root  # orbax: imported only when the default is needed
+
+    return cache_root() / "xla"
 
 
 def enable_compilation_cache(

@@ -9,6 +9,9 @@ from pathlib import Path
 import jax
 import pytest
 
+from kvjax.compilation_cache import ENV_VAR as COMPILATION_CACHE_ENV
+from pallas_kernels._util import ALLOW_UNVERIFIED_ENV
+
 jax.config.update("jax_enable_x64", False)
 # Float32 matmuls on GPUs default to TF32 (10-bit mantissa); the tests compare against float32
 # and float64 references, so they ask every backend for full float32 products.
@@ -16,11 +19,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # Tests never write the persistent compilation cache in ~/.cache (`kvjax.cli.main` would turn
 # it on); tests of the cache give it a directory of their own.
-os.environ["KVJAX_COMPILATION_CACHE"] = "off"
+os.environ[COMPILATION_CACHE_ENV] = "off"
 # The test suite is the verification run of the Pallas kernels that refuse GPUs until they
 # have matched their references there (`pallas_kernels._util.refuse_unverified_gpu`): on a
 # GPU it compiles them and compares; on a CPU they run in interpret mode anyway.
-os.environ["KVJAX_ALLOW_UNVERIFIED_GPU_KERNELS"] = "1"
+os.environ[ALLOW_UNVERIFIED_ENV] = "1"
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
