@@ -10,6 +10,12 @@
 #   3. clusterkv_offload.log: ClusterKV's host recall (one configuration aborted the XLA GPU
 #      compiler on 2026-11-23), in its own process because an abort ends the process.
 #   4. freekv-gpu.json: bench/freekv.py (speculative vs synchronous offload vs on device).
+# A second call, if the session has device time left (about 5 minutes),
+#   run(command="bash bench/gpu_check.sh speed", timeout_s=600)
+# runs only:
+#   5. method_speed-gpu.json: decode ms/token of Full, StreamingLLM, Quest, ClusterKV and
+#      FreeKV at 32k on the SmolLM2 shape, the first GPU timing of the decode steps without
+#      per-layer conditionals (2026-12-07; ClusterKV was slower than Full on the H100 before).
 # Everything lands in $OUT (the device tool's folder; bench/results/gpu-check by hand).
 # CONTEXTS overrides bench/freekv.py's contexts (default 8192 16384 32768).
 set -u
@@ -31,6 +37,11 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, report the 
 { nvidia-smi -L; $PY -c "import jax, sys; print(sys.version); print(jax.__version__, jax.devices())"; } \
   >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
+if [ "${1:-}" = speed ]; then
+  step method_speed 540 $PY -m bench.method_speed --contexts 32768 --repeats 2 --prefill-lengths \
+    --methods full streaming_llm quest clusterkv_xla freekv --output "$OUT/method_speed-gpu.json"
+  exit 0
+fi
 step pallas 150 $PY -m pytest -q -p no:cacheprovider tests/pallas_kernels
 step freekv_offload 120 $PY -m pytest -q -p no:cacheprovider tests/kvjax/test_freekv.py -k "offload or stream"
 step clusterkv_offload 120 $PY -m pytest -q -p no:cacheprovider tests/kvjax/test_clusterkv_offload.py

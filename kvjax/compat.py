@@ -26,6 +26,18 @@ def compiler_options() -> dict[str, Any]:
     return {}
 
 
+def conditionals_sync_host() -> bool:
+    """Whether a `lax.cond` on the default backend stops the host until the device is idle.
+
+    XLA's GPU runtime branches on the host: each conditional copies its predicate to the
+    host and blocks until the stream is done (`ConditionalThunk::ExecuteOnStream`;
+    conditionals are not captured in CUDA graphs by default), so the queue of kernels
+    launched ahead runs dry once per conditional. CPU and TPU branch without that. Decode
+    steps use this to replace per-layer conditionals by branch-free code on GPUs.
+    """
+    return jax.default_backend() == "gpu"
+
+
 def set_compilation_cache(directory: Any, *, max_bytes: int, min_compile_s: float) -> None:
     """JAX's persistent compilation cache in `directory`, LRU-evicted beyond `max_bytes`
     (-1: no limit), storing programs that took at least `min_compile_s` to compile.

@@ -134,11 +134,13 @@ def forward_embeddings(
     if x.shape[1] == 1:
         lengths = cache.lengths  # tokens already cached = position of this token
         new_lengths = lengths + 1
+        layers = method.begin_decode_step(cache.layers, lengths)
     else:
         lengths = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
         new_lengths = lengths
+        layers = cache.layers
     new_layers = []
-    for i, (p, layer_cache) in enumerate(zip(params.layers, cache.layers)):
+    for i, (p, layer_cache) in enumerate(zip(params.layers, layers)):
         x, layer_cache = decoder_layer(
             i, p, x, positions, lengths, layer_cache, method, config, inv_freq
         )

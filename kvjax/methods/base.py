@@ -14,6 +14,11 @@ layer (the layer index is static, so a method may treat early layers differently
   k/v: [B, Hkv, d] for the current token at position `lengths[b]`. The current token is
   written and attended exactly once.
 
+One more, optional: `begin_decode_step(layers, lengths) -> layers`, called by the model
+before a decode step with every layer's cache, for work shared by the layers (ClusterKV
+clusters its windows there under one conditional instead of one per layer). `attend` stays
+correct without it.
+
 Methods never import the model; the model never looks inside a layer cache.
 """
 
@@ -50,6 +55,11 @@ class Method:
     def attend(self, layer: int, cache: Any, q, k, v, lengths) -> tuple[jax.Array, Any]:
         raise NotImplementedError
 
+    def begin_decode_step(self, layers: tuple, lengths: jax.Array) -> tuple:
+        """Every layer's cache before a decode step at positions `lengths` [B], updated by
+        work the layers share. Default: unchanged."""
+        return tuple(layers)
+
     def decode_stats(self, cache: Any) -> dict[str, Any]:
         """Method-specific statistics read from a decoded model-level `Cache` (e.g. FreeKV's
         correction rate), merged into the generation stats. Default: none."""
@@ -82,10 +92,12 @@ def write_token(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Arr
 
 
 def prefix_sum(x: jax.Array) -> jax.Array:
-    """Inclusive cumulative sum over the last axis in O(n log n) work.
+    """Inclusive cumulative sum over the last axis, as an associative scan.
 
-    `jnp.cumsum` lowers to a reduce-window on CPU, which costs O(n^2) for n elements;
-    selection computes several prefix sums over hundreds to thousands of entries per step.
+    Selection computes several prefix sums over hundreds to thousands of entries per layer
+    and step. There the scan runs 1.2-1.9x faster on CPU than `jnp.cumsum` (a reduce-window
+    that XLA rewrites into a blocked scan; measured with jax 0.10.2), at the price of more
+    HLO operations to compile (about 2.5 s of ClusterKV's 10 s decode compile at 4k).
     """
     return jax.lax.associative_scan(jnp.add, x, axis=-1)
 

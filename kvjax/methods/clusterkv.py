@@ -39,7 +39,14 @@ import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import BATCH, HEADS, CacheSpec, axes
 from kvjax.clustering import INITS, cluster_keys
-from kvjax.compat import from_host_bits, host_bits, host_put_rows, host_take_rows, to_host
+from kvjax.compat import (
+    conditionals_sync_host,
+    from_host_bits,
+    host_bits,
+    host_put_rows,
+    host_take_rows,
+    to_host,
+)
 from kvjax.methods.base import (
     check_int,
     empty_kv,
@@ -98,6 +105,9 @@ class ClusterLayerCache:
     windows: jax.Array = axes(BATCH)  # [B] int32 windows clustered so far
     first_window_cluster: int = struct.field(pytree_node=False)  # ids before: prompt clusters
     recall: HostRecall | None = None  # offload=True only
+    # Set by `begin_decode_step` once it has clustered this step's full windows: `attend`
+    # then skips its own check and clears the flag (static: no conditional is traced).
+    windows_checked: bool = struct.field(pytree_node=False, default=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,23 +298,54 @@ class ClusterKV(SparseMethod):
         dest = jnp.minimum(dest, NOWHERE - self.sink) + self.sink
         return cache.replace(k=write_tokens(cache.k, dest, in_order(cache.k)), v=write_tokens(cache.v, dest, in_order(cache.v)))
 
+    def begin_decode_step(self, layers: tuple, lengths) -> tuple:
+        """Cluster the full windows of every ClusterKV layer before a decode step, all
+        layers under one `lax.cond` (one per layer in `attend` would make a GPU wait for
+        the host once per layer and step: `kvjax.compat.conditionals_sync_host`)."""
+        caches = {i: c for i, c in enumerate(layers) if isinstance(c, ClusterLayerCache)}
+        if not caches:
+            return tuple(layers)
+        done = self._cluster_full_windows(caches, lengths)
+        return tuple(done[i].replace(windows_checked=True) if i in done else c for i, c in enumerate(layers))
+
     def cluster_full_windows(self, layer: int, cache: ClusterLayerCache, lengths) -> ClusterLayerCache:
         """Cluster the window of rows whose window holds `window` tokens (before a step)."""
-        if cache.order.shape[2] < self.window or cache.sizes.shape[2] <= cache.first_window_cluster:
-            return cache  # no room for window clusters: the window is the whole decode
-        room = cache.first_window_cluster + self.window_clusters * (cache.windows + 1)
-        full = (lengths - cache.window_start >= self.window) & (room <= cache.sizes.shape[2])
+        return self._cluster_full_windows({layer: cache}, lengths)[layer]
+
+    def _has_window_room(self, cache: ClusterLayerCache) -> bool:
+        """Static: whether the cache has room for window clusters at all (else the window is
+        the whole decode)."""
+        return cache.order.shape[2] >= self.window and cache.sizes.shape[2] > cache.first_window_cluster
+
+    def _cluster_full_windows(self, caches: dict[int, ClusterLayerCache], lengths) -> dict[int, ClusterLayerCache]:
+        """`cluster_full_windows` for several layers {layer: cache}, under one conditional."""
+        active = {i: c for i, c in caches.items() if self._has_window_room(c)}
+        if not active:
+            return caches
+        full = {}
+        for i, c in active.items():
+            room = c.first_window_cluster + self.window_clusters * (c.windows + 1)
+            full[i] = (lengths - c.window_start >= self.window) & (room <= c.sizes.shape[2])
         # Only the small index goes through the cond: inside the decode loop XLA copies
         # buffers that pass through a conditional. The KV move is a scatter outside it that
         # drops its writes on the steps that do not cluster.
-        b, h = cache.sizes.shape[:2]
 
-        def skip(c):
-            fields = {f: getattr(c, f) for f in ("centroids", "sizes", "order", "window_start", "windows")}
-            return fields, jnp.zeros((b, h, self.window), jnp.int32), jnp.full((b, h), NOWHERE, jnp.int32)
+        def cluster(cs):
+            return {i: self._cluster_window(i, c, full[i]) for i, c in cs.items()}
 
-        index, order, dest = jax.lax.cond(jnp.any(full), lambda c: self._cluster_window(layer, c, full), skip, cache)
-        return self._move_window(cache.replace(**index), cache.window_start, order, dest)
+        def skip(cs):
+            out = {}
+            for i, c in cs.items():
+                b, h = c.sizes.shape[:2]
+                fields = {f: getattr(c, f) for f in ("centroids", "sizes", "order", "window_start", "windows")}
+                out[i] = fields, jnp.zeros((b, h, self.window), jnp.int32), jnp.full((b, h), NOWHERE, jnp.int32)
+            return out
+
+        due = jnp.any(jnp.stack([f.any() for f in full.values()]))
+        results = jax.lax.cond(due, cluster, skip, active)
+        moved = {i: self._move_window(active[i].replace(**index), active[i].window_start, order, dest)
+                 for i, (index, order, dest) in results.items()}
+        return {**caches, **moved}
 
     def select(self, q, cache: ClusterLayerCache):
         """Positions [B, Hq, budget - sink] of the selected tokens and their validity."""
@@ -324,7 +365,9 @@ class ClusterKV(SparseMethod):
         usually filled by the first few ranked clusters. So the top `candidates` clusters
         come from `lax.top_k` (same order as a stable descending sort, ties to the lower
         cluster id), and only when they do not fill the budget for some head does a
-        `lax.cond` fall back to ranking every cluster. Both paths give the same result.
+        `lax.cond` fall back to ranking every cluster. Both paths give the same result. On
+        GPUs (`conditionals_sync_host`) every cluster is ranked, with no conditional: a
+        sort of a few hundred scores per head is cheap there, a conditional per layer is not.
         """
         b, hq, _ = q.shape
         hkv = cache.k.shape[1]
@@ -356,7 +399,7 @@ class ClusterKV(SparseMethod):
             return sorted_slot, slots[None, None, :] < ends[..., -1:]
 
         rank_all = lambda: fill(jax.lax.top_k(scores, num_clusters)[1])
-        if candidates == num_clusters:
+        if candidates == num_clusters or conditionals_sync_host():
             sorted_slot, valid = rank_all()
         else:
             best = jax.lax.top_k(scores, candidates)[1]
@@ -367,7 +410,10 @@ class ClusterKV(SparseMethod):
     def sparse_attend(self, layer, cache: ClusterLayerCache, q, k, v, lengths):
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         slots = cache.k.shape[2]
-        cache = self.cluster_full_windows(layer, cache, lengths)
+        if cache.windows_checked:  # `begin_decode_step` clustered them
+            cache = cache.replace(windows_checked=False)
+        else:
+            cache = self.cluster_full_windows(layer, cache, lengths)
         index, selected = self.select_index(q, cache)  # per recall head
         if self.offload:
             cache = cache.replace(recall=self._recall(cache, index, selected))
@@ -416,7 +462,8 @@ class ClusterKV(SparseMethod):
         sizes = jnp.repeat(cache.sizes, g, axis=1)  # [B, Hr, C]
         ends = prefix_sum(sizes)
         # The cluster of each entry: the first one ending after it (empty clusters never match).
-        cluster = jax.vmap(jax.vmap(lambda e, i: jnp.searchsorted(e, i, side="right")))(ends, index)
+        # An unrolled binary search: a while loop would stop a GPU for the host per iteration.
+        cluster = jax.vmap(jax.vmap(lambda e, i: jnp.searchsorted(e, i, side="right", method="scan_unrolled")))(ends, index)
         cluster = jnp.minimum(cluster, sizes.shape[-1] - 1).astype(jnp.int32)
         at = lambda x: jnp.take_along_axis(x, cluster, axis=-1)
         offset = index - (at(ends) - at(sizes))  # position inside its cluster

@@ -73,7 +73,7 @@ from flax import struct
 import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import BATCH, HEADS, CacheSpec, axes
-from kvjax.compat import from_host_bits, host_bits, host_take_rows, to_host
+from kvjax.compat import conditionals_sync_host, from_host_bits, host_bits, host_take_rows, to_host
 from kvjax.methods.base import (
     check_int,
     empty_kv,
@@ -299,6 +299,8 @@ class FreeKV(SparseMethod):
             spec = (cache.next_pages, cache.next_valid, cache.next_scores)
             return tuple(jnp.where(corrected[..., None], f, s) for f, s in zip(fresh, spec))
 
+        if conditionals_sync_host():  # re-select every step: cheaper on a GPU than a conditional
+            return (*reselect(None), corrected)
         chosen = jax.lax.cond(
             corrected.any(), reselect, lambda _: (cache.next_pages, cache.next_valid, cache.next_scores), None
         )

@@ -36,12 +36,13 @@ def random_stream(rng, batch: int, total: int):
     return q, k, v
 
 
-def run_method(method, prompt_lengths, decode_steps, seed=0, bucket=None, observe=None):
+def run_method(method, prompt_lengths, decode_steps, seed=0, bucket=None, observe=None, begin_step=False):
     """Prefill right-padded prompts, then decode `decode_steps` tokens per sequence.
 
     Returns (prefill output, [(step output, positions)...], q, k, v) as numpy arrays, where
     q/k/v hold the real token at every position. With `observe(cache, q, positions)`, each
-    step's tuple gets a third item: what `observe` returned just before that step.
+    step's tuple gets a third item: what `observe` returned just before that step. With
+    `begin_step`, each step starts with `method.begin_decode_step`, as in the model.
     """
     rng = np.random.default_rng(seed)
     batch = len(prompt_lengths)
@@ -51,7 +52,8 @@ def run_method(method, prompt_lengths, decode_steps, seed=0, bucket=None, observ
     q, k, v = random_stream(rng, batch, total)
     cache = init_cache(method, spec(batch, total)).layers[0]
     prefill = jax.jit(lambda c, q, k, v, n: method.prefill(0, c, q, k, v, n))
-    attend = jax.jit(lambda c, q, k, v, n: method.attend(0, c, q, k, v, n))
+    begin = (lambda c, n: method.begin_decode_step((c,), n)[0]) if begin_step else (lambda c, n: c)
+    attend = jax.jit(lambda c, q, k, v, n: method.attend(0, begin(c, n), q, k, v, n))
     # Prompt slots past each length are padding: fill them with other values than the tokens
     # decoded there later, so a method that caches or attends padding fails the comparison.
     pad = np.arange(bucket)[None, :, None, None] >= lengths[:, None, None, None]

@@ -249,9 +249,12 @@ def _kept(method):
         (dict(budget=20, sink=4, tokens_per_cluster=3, window=8, window_clusters=3, init="random"), [50], 10),
     ],
 )
-def test_decode_attends_sinks_selection_window_and_current(kwargs, lengths, steps):
+@pytest.mark.parametrize("begin_step", [False, True], ids=["attend-only", "begin-step"])
+def test_decode_attends_sinks_selection_window_and_current(kwargs, lengths, steps, begin_step):
+    """Also when the windows are clustered by `begin_decode_step`, as the model does."""
     method = ClusterKV(dense_layers=0, **kwargs)
-    _, step_list, q, k, v = run_method(method, lengths, steps, seed=sum(lengths), observe=_observe(method))
+    _, step_list, q, k, v = run_method(method, lengths, steps, seed=sum(lengths), observe=_observe(method),
+                                       begin_step=begin_step)
     check_steps_per_head(step_list, q, k, v, _kept(method))
     # The selection really is sparse for the long rows (the test would pass trivially otherwise).
     sel, valid, _ = step_list[-1][2]

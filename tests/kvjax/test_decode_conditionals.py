@@ -1,0 +1,114 @@
+"""Decode steps on GPUs run without per-layer conditionals, and give the same results.
+
+XLA's GPU runtime blocks the host on every `lax.cond` (`kvjax.compat.conditionals_sync_host`),
+so on GPUs ClusterKV ranks every cluster instead of taking its top-k-with-fallback cond,
+FreeKV re-selects every step instead of only when a head is corrected, and ClusterKV's window
+clustering runs under one cond per step for all layers (`begin_decode_step`). These tests
+switch the GPU paths on on the CPU, compare them with the CPU paths and the numpy reference,
+and count the conditionals traced into one decode step of a model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax.methods.clusterkv as clusterkv_module
+import kvjax.methods.freekv as freekv_module
+from kvjax import CacheSpec, ClusterKV, FreeKV, init_cache
+from models.config import ModelConfig
+from models.llama import forward
+from models.params import init_random
+from tests.kvjax.method_harness import HKV, HQ, D, run_method
+from tests.kvjax.test_clusterkv import _index_cache, np_select
+
+
+@pytest.fixture
+def gpu_paths(monkeypatch):
+    """`use(True)`: the methods take their GPU (conditional-free) paths on this CPU."""
+    def use(gpu: bool) -> None:
+        for module in (clusterkv_module, freekv_module):
+            monkeypatch.setattr(module, "conditionals_sync_host", lambda: gpu)
+    return use
+
+
+def count_conds(jaxpr) -> int:
+    """`cond` equations in a jaxpr, nested ones (loop bodies, branches, calls) included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += eqn.primitive.name == "cond"
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += count_conds(inner)
+    return total
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu-path", "gpu-path"])
+@pytest.mark.parametrize("extra_budget,needs_fallback", [(12, False), (70, True)])
+def test_selection_paths_equal_the_numpy_reference(gpu_paths, gpu, extra_budget, needs_fallback):
+    """Many small clusters (80 over 120 tokens): the top-k candidates (34 clusters) cover a
+    budget of 12 but not one of 70, where the CPU path falls back to ranking every cluster."""
+    gpu_paths(gpu)
+    rng = np.random.default_rng(extra_budget)
+    batch, n, clusters, sink = 2, 120, 80, 2
+    cache, _, sizes, order, centroids = _index_cache(rng, batch, n, clusters, sink, 0.0)
+    method = ClusterKV(budget=sink + extra_budget, sink=sink)
+    q = rng.standard_normal((batch, HQ, D)).astype(np.float32)
+    candidates = 2 * -(-extra_budget // method.tokens_per_cluster) + 32
+    scores = np.einsum("bhd,bhcd->bhc", q, np.repeat(centroids, HQ // HKV, axis=1))
+    best = np.argsort(-scores, axis=-1, kind="stable")[..., :candidates]
+    covered = np.take_along_axis(np.repeat(sizes, HQ // HKV, axis=1), best, -1).sum(-1) >= extra_budget
+    assert (not covered.all()) == needs_fallback  # the case exercises the path it is meant to
+
+    positions, valid = map(np.asarray, method.select(jnp.asarray(q), cache))
+    for b in range(batch):
+        for h in range(HQ):
+            kv = h // (HQ // HKV)
+            ref = np_select(q[b, h], centroids[b, kv], sizes[b, kv], order[b, kv], extra_budget)
+            np.testing.assert_array_equal(positions[b, h][valid[b, h]], ref)
+    conds = count_conds(jax.make_jaxpr(method.select_index)(jnp.asarray(q), cache).jaxpr)
+    assert conds == (0 if gpu else 1)
+
+
+def test_freekv_gpu_path_equals_the_conditional_path(gpu_paths):
+    """A low tau on random queries: at some steps a head is corrected, at others none, so
+    the CPU path takes both branches of its conditional."""
+    method = FreeKV(budget=24, page_size=4, sink=4, recent=8, tau=0.05, dense_layers=0)
+    corrected = jax.jit(lambda cache, q, positions: method.corrected_heads(cache, q))
+    runs = []
+    for gpu in (False, True):
+        gpu_paths(gpu)
+        _, steps, *_ = run_method(method, [61], 16, seed=3, observe=corrected)
+        runs.append(np.stack([out for out, *_ in steps]))
+        any_corrected = [bool(np.asarray(seen).any()) for *_, seen in steps[1:]]
+        assert any(any_corrected) and not all(any_corrected)
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def _decode_step_conds(method, layers: int = 4, prompt: int = 64) -> int:
+    """Conditionals traced into one decode step of a tiny random Llama."""
+    config = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_layers=layers, num_heads=HQ, num_kv_heads=HKV, head_dim=D, max_position_embeddings=256)
+    params = init_random(config, jax.random.key(0))
+    spec = CacheSpec(batch=1, capacity=prompt + 16, num_layers=layers, num_heads=HQ, num_kv_heads=HKV,
+                     head_dim=D, prompt_capacity=prompt)
+    cache = init_cache(method, spec)
+    step = lambda params, token, cache: forward(params, token, cache.lengths[:, None], cache, method, config=config)
+    return count_conds(jax.make_jaxpr(step)(params, jnp.zeros((1, 1), jnp.int32), cache).jaxpr)
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu-path", "gpu-path"])
+def test_one_decode_step_has_at_most_one_conditional_on_gpus(gpu_paths, gpu):
+    """4 layers, 3 of them sparse. ClusterKV's 62 clusters exceed its 40 top-k candidates,
+    so the CPU path keeps one fallback cond per sparse layer; the window clustering is one
+    cond for all layers on every path. FreeKV's correction cond is per sparse layer on CPUs."""
+    gpu_paths(gpu)
+    sparse_layers = 3
+    clusterkv = ClusterKV(budget=6, sink=2, tokens_per_cluster=1, window=8, window_clusters=2, dense_layers=1)
+    freekv = FreeKV(budget=24, page_size=4, sink=4, recent=8, dense_layers=1)
+    assert _decode_step_conds(clusterkv) == 1 + (0 if gpu else sparse_layers)
+    assert _decode_step_conds(freekv) == (0 if gpu else sparse_layers)
