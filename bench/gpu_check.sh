@@ -13,15 +13,19 @@
 # A second call, if the session has device time left (about 5 minutes),
 #   run(command="bash bench/gpu_check.sh speed", timeout_s=600)
 # runs only:
-#   5. method_speed-gpu.json: decode ms/token of Full, StreamingLLM, Quest, ClusterKV and
-#      FreeKV at 32k on the SmolLM2 shape, the first GPU timing of the decode steps without
-#      per-layer conditionals (2026-12-07; ClusterKV was slower than Full on the H100 before).
+#   5. method_speed-gpu.json: decode ms/token of Full, StreamingLLM, Quest, ClusterKV (XLA
+#      and Pallas) and FreeKV at 32k on the SmolLM2 shape, the first GPU timing of the
+#      decode steps without per-layer conditionals (2026-12-07; ClusterKV was slower than
+#      Full on the H100 before). The Pallas row allows the K-means kernels that still refuse
+#      GPUs (for the timing; whether their clusters are right is step 1's question).
 # Everything lands in $OUT (the device tool's folder; bench/results/gpu-check by hand).
-# CONTEXTS overrides bench/freekv.py's contexts (default 8192 16384 32768).
+# CONTEXTS overrides bench/freekv.py's contexts (default 8192 16384 32768), SPEED_CONTEXTS
+# step 5's (default 32768).
 set -u
 OUT=${OUT:-bench/results/gpu-check}
 PY=${PYTHON:-python3}
 CONTEXTS=${CONTEXTS:-8192 16384 32768}
+SPEED_CONTEXTS=${SPEED_CONTEXTS:-32768}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 
@@ -38,8 +42,10 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, report the 
   >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 if [ "${1:-}" = speed ]; then
-  step method_speed 540 $PY -m bench.method_speed --contexts 32768 --repeats 2 --prefill-lengths \
-    --methods full streaming_llm quest clusterkv_xla freekv --output "$OUT/method_speed-gpu.json"
+  # shellcheck disable=SC2086  # SPEED_CONTEXTS is a list of numbers
+  KVJAX_ALLOW_UNVERIFIED_GPU_KERNELS=1 step method_speed 540 $PY -m bench.method_speed --contexts $SPEED_CONTEXTS \
+    --repeats 2 --prefill-lengths --methods full streaming_llm quest clusterkv_xla clusterkv_pallas freekv \
+    --output "$OUT/method_speed-gpu.json"
   exit 0
 fi
 step pallas 150 $PY -m pytest -q -p no:cacheprovider tests/pallas_kernels
