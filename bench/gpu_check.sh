@@ -13,19 +13,21 @@
 # A second call, if the session has device time left (about 5 minutes),
 #   run(command="bash bench/gpu_check.sh speed", timeout_s=600)
 # runs only:
-#   5. method_speed-gpu.json: decode ms/token of Full, StreamingLLM, Quest, ClusterKV (XLA
-#      and Pallas) and FreeKV at 32k on the SmolLM2 shape, the first GPU timing of the
-#      decode steps without per-layer conditionals (2026-12-07; ClusterKV was slower than
-#      Full on the H100 before). The Pallas row allows the K-means kernels that still refuse
-#      GPUs (for the timing; whether their clusters are right is step 1's question).
+#   5. method_speed-gpu.json: decode ms/token of Full, Quest, ClusterKV and FreeKV at 32k on
+#      the Llama-3-8B shape in bfloat16, the settings of the 2026-11-23 H100 run
+#      (bench/results/method_speed-llama3-8b-gpu-2026-11-23.json: ClusterKV 0.95x of Full,
+#      Quest 1.30x), now with the decode steps free of per-layer conditionals (2026-12-07).
+#      That run's KV cache was float32 by a bench bug since fixed: compare ratios to Full.
 # Everything lands in $OUT (the device tool's folder; bench/results/gpu-check by hand).
-# CONTEXTS overrides bench/freekv.py's contexts (default 8192 16384 32768), SPEED_CONTEXTS
-# step 5's (default 32768).
+# CONTEXTS overrides bench/freekv.py's contexts (default 8192 16384 32768); SPEED_CONTEXTS and
+# SPEED_SHAPE step 5's context and shape (default 32768, llama3-8b; a CPU dry run:
+# SPEED_CONTEXTS=1024 SPEED_SHAPE=smollm2).
 set -u
 OUT=${OUT:-bench/results/gpu-check}
 PY=${PYTHON:-python3}
 CONTEXTS=${CONTEXTS:-8192 16384 32768}
 SPEED_CONTEXTS=${SPEED_CONTEXTS:-32768}
+SPEED_SHAPE=${SPEED_SHAPE:-llama3-8b}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 
@@ -43,9 +45,9 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, report the 
 cat "$OUT/machine.txt"
 if [ "${1:-}" = speed ]; then
   # shellcheck disable=SC2086  # SPEED_CONTEXTS is a list of numbers
-  KVJAX_ALLOW_UNVERIFIED_GPU_KERNELS=1 step method_speed 540 $PY -m bench.method_speed --contexts $SPEED_CONTEXTS \
-    --repeats 2 --prefill-lengths --methods full streaming_llm quest clusterkv_xla clusterkv_pallas freekv \
-    --output "$OUT/method_speed-gpu.json"
+  step method_speed 540 $PY -m bench.method_speed --shape "$SPEED_SHAPE" --dtype bfloat16 \
+    --contexts $SPEED_CONTEXTS --steps 32 --repeats 2 --prefill-lengths \
+    --methods full quest clusterkv_xla freekv --output "$OUT/method_speed-gpu.json"
   exit 0
 fi
 step pallas 150 $PY -m pytest -q -p no:cacheprovider tests/pallas_kernels
