@@ -10,6 +10,7 @@ Caches always live under a per-test `$KVJAX_CACHE_DIR`, never in `~/.cache`.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -712,7 +713,8 @@ CORRUPTIONS = {
 }
 
 
-# When one array fails to read, Orbax drops the other pending read coroutines with their errors.
+# When one array fails to read, Orbax drops the other pending read coroutines with their errors
+# (collected at the end of the test, so that the warnings do not surface in a later test).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
 def test_corrupt_cache_entry_is_detected_and_rebuilt(checkpoint, conversions, corruption):
@@ -733,6 +735,7 @@ def test_corrupt_cache_entry_is_detected_and_rebuilt(checkpoint, conversions, co
         restored = models.load(directory)
     assert len(conversions) == 2 and not _unreadable_warnings(record)  # the rebuilt entry is good
     assert_params_equal(restored.params, params)
+    gc.collect()
 
 
 def test_bit_flip_in_cached_array_data_is_detected(checkpoint, conversions):
