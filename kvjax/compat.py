@@ -38,6 +38,12 @@ def conditionals_sync_host() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def prefix_sums_as_scan() -> bool:
+    """Whether prefix sums on the default backend are faster as an associative scan than as
+    `jnp.cumsum` (see `kvjax.methods.base.prefix_sum`): on CPU only."""
+    return jax.default_backend() == "cpu"
+
+
 def set_compilation_cache(directory: Any, *, max_bytes: int, min_compile_s: float) -> None:
     """JAX's persistent compilation cache in `directory`, LRU-evicted beyond `max_bytes`
     (-1: no limit), storing programs that took at least `min_compile_s` to compile.

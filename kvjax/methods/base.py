@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import causal_attention
+from kvjax.compat import prefix_sums_as_scan
 from kvjax.cache import CacheSpec
 
 
@@ -92,14 +93,18 @@ def write_token(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Arr
 
 
 def prefix_sum(x: jax.Array) -> jax.Array:
-    """Inclusive cumulative sum over the last axis, as an associative scan.
+    """Inclusive cumulative sum over the last axis.
 
     Selection computes several prefix sums over hundreds to thousands of entries per layer
-    and step. There the scan runs 1.2-1.9x faster on CPU than `jnp.cumsum` (a reduce-window
-    that XLA rewrites into a blocked scan; measured with jax 0.10.2), at the price of more
-    HLO operations to compile (about 2.5 s of ClusterKV's 10 s decode compile at 4k).
+    and step. On CPU an associative scan runs them 1.2-1.9x faster than `jnp.cumsum` (a
+    reduce-window that XLA rewrites into a blocked scan; jax 0.10.2). Elsewhere
+    `jnp.cumsum`: it compiles to 5-7 operations where the scan takes 10-28 (counted in the
+    CPU's compiled HLO for 58 to 1009 entries), and on a GPU each is a kernel launch, three
+    prefix sums per ClusterKV layer and step.
     """
-    return jax.lax.associative_scan(jnp.add, x, axis=-1)
+    if prefix_sums_as_scan():
+        return jax.lax.associative_scan(jnp.add, x, axis=-1)
+    return jnp.cumsum(x, axis=-1)
 
 
 def read_tokens(buffer: jax.Array, start: jax.Array, size: int) -> jax.Array:

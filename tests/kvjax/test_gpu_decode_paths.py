@@ -1,11 +1,13 @@
-"""Decode steps on GPUs run without per-layer conditionals, and give the same results.
+"""The GPU paths of the decode step: no per-layer conditionals, `jnp.cumsum` prefix sums,
+and the same results as the CPU paths.
 
 XLA's GPU runtime blocks the host on every `lax.cond` (`kvjax.compat.conditionals_sync_host`),
 so on GPUs ClusterKV ranks every cluster instead of taking its top-k-with-fallback cond,
 FreeKV re-selects every step instead of only when a head is corrected, and ClusterKV's window
-clustering runs under one cond per step for all layers (`begin_decode_step`). These tests
-switch the GPU paths on on the CPU, compare them with the CPU paths and the numpy reference,
-and count the conditionals traced into one decode step of a model.
+clustering runs under one cond per step for all layers (`begin_decode_step`). Prefix sums
+are associative scans on CPU only (`kvjax.compat.prefix_sums_as_scan`). These tests switch
+the GPU paths on on the CPU, compare them with the CPU paths and the numpy references, and
+count the conditionals traced into one decode step of a model.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kvjax.methods.base as base_module
 import kvjax.methods.clusterkv as clusterkv_module
 import kvjax.methods.freekv as freekv_module
 from kvjax import CacheSpec, ClusterKV, FreeKV, init_cache
+from kvjax.methods.base import prefix_sum
 from models.config import ModelConfig
 from models.llama import forward
 from models.params import init_random
@@ -27,10 +31,12 @@ from tests.kvjax.test_clusterkv import _index_cache, np_select
 
 @pytest.fixture
 def gpu_paths(monkeypatch):
-    """`use(True)`: the methods take their GPU (conditional-free) paths on this CPU."""
+    """`use(True)`: the methods take their GPU paths on this CPU (no per-layer conditionals,
+    `jnp.cumsum` prefix sums)."""
     def use(gpu: bool) -> None:
         for module in (clusterkv_module, freekv_module):
             monkeypatch.setattr(module, "conditionals_sync_host", lambda: gpu)
+        monkeypatch.setattr(base_module, "prefix_sums_as_scan", lambda: not gpu)
     return use
 
 
@@ -45,6 +51,20 @@ def count_conds(jaxpr) -> int:
                 if hasattr(inner, "eqns"):
                     total += count_conds(inner)
     return total
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu-path", "gpu-path"])
+def test_prefix_sum_paths_equal_numpy(gpu_paths, gpu):
+    gpu_paths(gpu)
+    rng = np.random.default_rng(0)
+    for n in (1, 58, 1009):
+        ints = rng.integers(0, 100, size=(2, 3, n)).astype(np.int32)
+        np.testing.assert_array_equal(prefix_sum(jnp.asarray(ints)), np.cumsum(ints, axis=-1))
+        floats = rng.random((4, n)).astype(np.float32)
+        np.testing.assert_allclose(prefix_sum(jnp.asarray(floats)), np.cumsum(floats, axis=-1), rtol=1e-5)
+    # A new function object: jax reuses a function's trace, and the path is a Python global.
+    jaxpr = jax.make_jaxpr(lambda x: prefix_sum(x))(jnp.zeros((3, 1009), jnp.int32))
+    assert ("cumsum[" in str(jaxpr)) == gpu
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu-path", "gpu-path"])
