@@ -37,7 +37,7 @@ written to it at ingest and each decoded token is written to it as it is produce
 is complete in the pool the moment it fills and becomes a candidate. `slot_page` maps each
 retrieved slot to its page per (sequence, KV head) (the page -> slot direction is the `k x k`
 comparison of the selection against it). A step copies only the selected pages that are not
-resident (one dynamic-size loop of block copies), into the slots of the lowest-scoring
+resident (one dynamic-size loop of block copies, `GATHER_PAGES` pages per head each), into the slots of the lowest-scoring
 resident pages that are not selected; `recalled` counts the copied pages. Device slots are
 head-major `[B, Hkv, slots, d]` (the layout of every other cache here) rather than the
 paper's token-major layout. The digests (`[B, Hkv, pages, d]`) stay on the device.
@@ -85,6 +85,8 @@ from kvjax.methods.base import (
 )
 from kvjax.methods.sparse import SparseMethod
 from kvjax.pages import add_token, write_prompt_digests
+
+GATHER_PAGES = 4  # pages per (sequence, KV head) in one host -> device copy of the offload recall
 
 
 @struct.dataclass
@@ -433,24 +435,29 @@ class FreeKV(SparseMethod):
         per (sequence, KV head) into `n` entries (at least the number missing per head).
 
         Returns (blocks [B, Hkv, n, 2, P, d], first slot [B, Hkv, n] int32: `budget` for the
-        unused tail). Each copy takes one page of every (sequence, KV head) at once, as many
-        times as the head with the most missing pages needs: a gather batched over
+        unused tail). Each copy takes `GATHER_PAGES` pages of every (sequence, KV head) at
+        once, as many times as the head with the most missing pages needs (a loop whose
+        trip count is data-dependent: every iteration costs a CPU a few copy and update
+        operations and a GPU a host sync, so pages go in groups). The gather is batched over
         (sequence, KV head), so that on a mesh each device copies from its own shard of the
         pool (an index into the whole pool made XLA gather the pool onto every device)."""
         p = self.page_size
+        group = min(n, GATHER_PAGES)
+        padded = group * -(-n // group)
         rank = prefix_sum(missing.astype(jnp.int32)) - 1
-        compact = jax.vmap(jax.vmap(lambda at, x: jnp.zeros(n, jnp.int32).at[at].set(x, mode="drop")))
-        order = compact(jnp.where(missing, rank, n), jnp.broadcast_to(jnp.arange(pages.shape[2]), pages.shape))
+        compact = jax.vmap(jax.vmap(lambda at, x: jnp.zeros(padded, jnp.int32).at[at].set(x, mode="drop")))
+        order = compact(jnp.where(missing, rank, padded), jnp.broadcast_to(jnp.arange(pages.shape[2]), pages.shape))
         copied = jnp.arange(n) < missing.sum(axis=2, keepdims=True)  # [B, Hkv, n]
         block_pages = jnp.take_along_axis(pages, order, axis=2)
 
         def copy(i, stage):
-            page = jax.lax.dynamic_slice_in_dim(block_pages, i, 1, axis=2)  # [B, Hkv, 1]
-            return jax.lax.dynamic_update_slice_in_dim(stage, host_take_rows(pool, page, head_axis=2), i, axis=2)
+            some = jax.lax.dynamic_slice_in_dim(block_pages, i * group, group, axis=2)  # [B, Hkv, group]
+            return jax.lax.dynamic_update_slice_in_dim(stage, host_take_rows(pool, some, head_axis=2), i * group, axis=2)
 
-        stage = jnp.zeros((*pages.shape[:2], n, 2, p, pool.shape[-1]), pool.dtype)
-        blocks = from_host_bits(jax.lax.fori_loop(0, jnp.max(rank[..., -1]) + 1, copy, stage), dtype)
-        slot = jnp.where(copied, self.sink + jnp.take_along_axis(target, order, axis=2) * p, self.budget)
+        stage = jnp.zeros((*pages.shape[:2], padded, 2, p, pool.shape[-1]), pool.dtype)
+        copies = (jnp.max(rank[..., -1]) + group) // group  # ceil(most missing / group)
+        blocks = from_host_bits(jax.lax.fori_loop(0, copies, copy, stage)[:, :, :n], dtype)
+        slot = jnp.where(copied, self.sink + jnp.take_along_axis(target, order[..., :n], axis=2) * p, self.budget)
         return blocks, slot
 
     def _scatter(self, k, v, blocks, at):
