@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import causal_attention
-from kvjax.compat import prefix_sums_as_scan
 from kvjax.cache import CacheSpec
+from kvjax.compat import prefix_sums_as_scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +95,12 @@ def write_token(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Arr
 def prefix_sum(x: jax.Array) -> jax.Array:
     """Inclusive cumulative sum over the last axis.
 
-    Selection computes several prefix sums over hundreds to thousands of entries per layer
-    and step. On CPU an associative scan runs them 1.2-1.9x faster than `jnp.cumsum` (a
-    reduce-window that XLA rewrites into a blocked scan; jax 0.10.2). Elsewhere
-    `jnp.cumsum`: it compiles to 5-7 operations where the scan takes 10-28 (counted in the
-    CPU's compiled HLO for 58 to 1009 entries), and on a GPU each is a kernel launch, three
-    prefix sums per ClusterKV layer and step.
+    Selection computes several prefix sums over tens to thousands of entries per layer and
+    step. On CPU an associative scan runs them 1.3-2.3x faster than `jnp.cumsum` (a
+    reduce-window that XLA rewrites into a blocked scan), at the price of more operations to
+    compile. Elsewhere `jnp.cumsum`: 5-9 compiled operations where the scan takes 10-46,
+    and on a GPU each is a kernel launch, three prefix sums per ClusterKV layer and step
+    (`bench/prefix_sum.py`, bench/results/prefix_sum-cpu-2026-12-07.json).
     """
     if prefix_sums_as_scan():
         return jax.lax.associative_scan(jnp.add, x, axis=-1)

@@ -1,0 +1,117 @@
+"""Prefix sums two ways: `jax.lax.associative_scan` against `jnp.cumsum`, at selection's sizes.
+
+`kvjax.methods.base.prefix_sum` picks the scan on CPU and `jnp.cumsum` elsewhere; this
+measures both sides of that choice on the backend it runs on: run time (each form summed
+`--reps` times in one jitted loop, the two forms alternating within each of `--rounds`
+rounds; the ratio is taken per round, then the median) and the operations in the compiled
+program (on a GPU each is a kernel launch).
+
+Run from the repository root:
+
+    .venv/bin/python -m bench.prefix_sum
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.method_speed import at_least_one, save_result
+
+REPO = Path(__file__).resolve().parent.parent
+# [B, heads, entries]: ClusterKV's candidates, clusters at 32k, budget slots + 1; FreeKV-sized rows.
+SHAPES = ((1, 9, 58), (1, 9, 420), (1, 9, 1009), (1, 9, 4099), (1, 3, 32768))
+FORMS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "associative_scan": lambda x: jax.lax.associative_scan(jnp.add, x, axis=-1),
+    "cumsum": lambda x: jnp.cumsum(x, axis=-1),
+}
+# Entry-computation lines that are not work: parameters, constants, views and tuples.
+NOT_WORK = re.compile(r" (parameter|constant|bitcast|get-tuple-element|tuple)\(")
+
+
+def compiled_ops(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> int:
+    """Operations in the entry computation of `fn` compiled for `x` (fusions count once)."""
+    text = jax.jit(fn).lower(x).compile().as_text()
+    entry = text[text.index("\nENTRY"):].splitlines()[2:]
+    return sum(1 for line in entry if " = " in line and not NOT_WORK.search(line))
+
+
+def loop_ms(fn: Callable[[jax.Array], jax.Array], x: jax.Array, reps: int) -> Callable[[], float]:
+    """A timer of `fn` applied `reps` times in one jitted loop (ms per application)."""
+    def body(i, acc):
+        y = fn(x + i)  # depends on the counter: not hoisted out of the loop
+        return acc + y[..., -1].sum()
+
+    run = jax.jit(lambda: jax.lax.fori_loop(0, reps, body, jnp.int32(0)))
+    jax.block_until_ready(run())
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        return (time.perf_counter() - t0) / reps * 1e3
+
+    return timed
+
+
+def measure(shape: tuple[int, ...], rounds: int, reps: int) -> dict[str, Any]:
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 100, size=shape), jnp.int32)
+    reference = np.cumsum(np.asarray(x), axis=-1)
+    for fn in FORMS.values():
+        np.testing.assert_array_equal(fn(x), reference)
+    timers = {name: loop_ms(fn, x, reps) for name, fn in FORMS.items()}
+    runs: dict[str, list[float]] = {name: [] for name in FORMS}
+    for r in range(rounds):
+        for name in (list(FORMS) if r % 2 == 0 else list(FORMS)[::-1]):
+            runs[name].append(timers[name]())
+    ratios = [c / s for c, s in zip(runs["cumsum"], runs["associative_scan"])]
+    return {
+        "shape": list(shape),
+        "ms": {name: statistics.median(v) for name, v in runs.items()},
+        "runs_ms": runs,
+        "cumsum_over_scan": statistics.median(ratios),
+        "compiled_ops": {name: compiled_ops(fn, x) for name, fn in FORMS.items()},
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| shape | scan ms | cumsum ms | cumsum / scan | scan ops | cumsum ops |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['ms']['associative_scan']:.4f} | {r['ms']['cumsum']:.4f} "
+                     f"| {r['cumsum_over_scan']:.2f}x | {r['compiled_ops']['associative_scan']} "
+                     f"| {r['compiled_ops']['cumsum']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=at_least_one, default=7)
+    p.add_argument("--reps", type=at_least_one, default=200, help="applications per timed loop")
+    p.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/...)")
+    args = p.parse_args(argv)
+
+    from kvjax.environment import environment
+
+    env = environment()
+    date = datetime.date.today().isoformat()
+    output = args.output or REPO / "bench" / "results" / f"prefix_sum-{env['backend']}-{date}.json"
+    rows: list[dict[str, Any]] = []
+    for shape in SHAPES:
+        rows.append(measure(shape, args.rounds, args.reps))
+        save_result(output, "prefix_sum", env, {"rounds": args.rounds, "reps": args.reps}, rows)
+    print(markdown_table(rows))
+    print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
