@@ -4,7 +4,7 @@
 measures both sides of that choice on the backend it runs on: run time (each form summed
 `--reps` times in one jitted loop, the two forms alternating within each of `--rounds`
 rounds; the ratio is taken per round, then the median) and the operations in the compiled
-program (on a GPU each is a kernel launch).
+program (on a GPU each is a kernel launch), with `bench/forms.py`.
 
 Run from the repository root:
 
@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import re
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.forms import per_round_ratio, time_forms
 from bench.method_speed import at_least_one, save_result
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,32 +33,6 @@ FORMS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "associative_scan": lambda x: jax.lax.associative_scan(jnp.add, x, axis=-1),
     "cumsum": lambda x: jnp.cumsum(x, axis=-1),
 }
-# Entry-computation lines that are not work: parameters, constants, views and tuples.
-NOT_WORK = re.compile(r" (parameter|constant|bitcast|get-tuple-element|tuple)\(")
-
-
-def compiled_ops(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> int:
-    """Operations in the entry computation of `fn` compiled for `x` (fusions count once)."""
-    text = jax.jit(fn).lower(x).compile().as_text()
-    entry = text[text.index("\nENTRY"):].splitlines()[2:]
-    return sum(1 for line in entry if " = " in line and not NOT_WORK.search(line))
-
-
-def loop_ms(fn: Callable[[jax.Array], jax.Array], x: jax.Array, reps: int) -> Callable[[], float]:
-    """A timer of `fn` applied `reps` times in one jitted loop (ms per application)."""
-    def body(i, acc):
-        y = fn(x + i)  # depends on the counter: not hoisted out of the loop
-        return acc + y[..., -1].sum()
-
-    run = jax.jit(lambda: jax.lax.fori_loop(0, reps, body, jnp.int32(0)))
-    jax.block_until_ready(run())
-
-    def timed() -> float:
-        t0 = time.perf_counter()
-        jax.block_until_ready(run())
-        return (time.perf_counter() - t0) / reps * 1e3
-
-    return timed
 
 
 def measure(shape: tuple[int, ...], rounds: int, reps: int) -> dict[str, Any]:
@@ -68,19 +40,9 @@ def measure(shape: tuple[int, ...], rounds: int, reps: int) -> dict[str, Any]:
     reference = np.cumsum(np.asarray(x), axis=-1)
     for fn in FORMS.values():
         np.testing.assert_array_equal(fn(x), reference)
-    timers = {name: loop_ms(fn, x, reps) for name, fn in FORMS.items()}
-    runs: dict[str, list[float]] = {name: [] for name in FORMS}
-    for r in range(rounds):
-        for name in (list(FORMS) if r % 2 == 0 else list(FORMS)[::-1]):
-            runs[name].append(timers[name]())
-    ratios = [c / s for c, s in zip(runs["cumsum"], runs["associative_scan"])]
-    return {
-        "shape": list(shape),
-        "ms": {name: statistics.median(v) for name, v in runs.items()},
-        "runs_ms": runs,
-        "cumsum_over_scan": statistics.median(ratios),
-        "compiled_ops": {name: compiled_ops(fn, x) for name, fn in FORMS.items()},
-    }
+    timed = time_forms(FORMS, (x,), rounds, reps)
+    return {"shape": list(shape), **timed,
+            "cumsum_over_scan": per_round_ratio(timed["runs_ms"], "cumsum", "associative_scan")}
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

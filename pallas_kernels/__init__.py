@@ -18,6 +18,7 @@ from pallas_kernels.scores import (
     centroid_scores_pallas,
     centroid_scores_reference,
     page_scores,
+    page_scores_matmul,
     page_scores_pallas,
     page_scores_reference,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "kmeans_update_pallas",
     "kmeans_update_reference",
     "page_scores",
+    "page_scores_matmul",
     "page_scores_pallas",
     "page_scores_reference",
     "sparse_decode_attention",

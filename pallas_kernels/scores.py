@@ -13,7 +13,7 @@ import jax.experimental.pallas as pl
 import jax.numpy as jnp
 
 from pallas_kernels._util import check_impl, next_power_of_2, pad_axis, refuse_unverified_gpu, tiled_block_spec
-from pallas_kernels.compat import SQUEEZED, compiler_params, resolve_interpret
+from pallas_kernels.compat import SQUEEZED, compiler_params, page_bounds_as_matmuls, resolve_interpret
 
 
 def _grouped(q: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -41,6 +41,29 @@ def page_scores_reference(
     lo = qg * page_min.astype(jnp.float32)[:, :, None]
     hi = qg * page_max.astype(jnp.float32)[:, :, None]
     s = jnp.maximum(lo, hi).sum(axis=-1)
+    return jnp.where(valid[:, :, None], s, -jnp.inf).reshape(b, -1, p)
+
+
+def page_scores_matmul(
+    q: jax.Array, page_min: jax.Array, page_max: jax.Array, valid: jax.Array
+) -> jax.Array:
+    """`page_scores_reference` as two matrix products (same arguments and result).
+
+    Since `min <= max` in every dimension, `max(q[d] * min[d], q[d] * max[d])` is `q[d] *
+    max[d]` where `q[d] >= 0` and `q[d] * min[d]` elsewhere, so the bound is `max(q, 0) .
+    max + min(q, 0) . min`: the same products, summed in another order (equal to float
+    tolerance for finite digests; an infinite digest entry gives NaN here, where the
+    reference gives NaN only if `q[d] = 0`). On a CPU the two products run as matrix multiplications,
+    1.6-3.4x faster than the element-wise reduction at 128-2048 pages
+    (`bench/page_scores.py`); `page_scores` uses this form there only
+    (`compat.page_bounds_as_matmuls`).
+    """
+    b, hkv, p, _ = page_min.shape
+    qg = _grouped(q, hkv)
+    product = functools.partial(jnp.einsum, "bhgd,bhpd->bhgp", precision=jax.lax.Precision.HIGHEST)
+    s = product(jnp.maximum(qg, 0.0), page_max.astype(jnp.float32)) + product(
+        jnp.minimum(qg, 0.0), page_min.astype(jnp.float32)
+    )
     return jnp.where(valid[:, :, None], s, -jnp.inf).reshape(b, -1, p)
 
 
@@ -191,8 +214,11 @@ def page_scores(
     *,
     impl: str = "xla",
 ) -> jax.Array:
-    """Quest page scores; `impl="xla"` (reference) or `"pallas"` (kernel)."""
+    """Quest page scores; `impl="xla"` (the reference, as matrix products on a CPU:
+    `page_scores_matmul`) or `"pallas"` (kernel)."""
     check_impl(impl)
     if impl == "pallas":
         return page_scores_pallas(q, page_min, page_max, valid)
+    if page_bounds_as_matmuls():
+        return page_scores_matmul(q, page_min, page_max, valid)
     return page_scores_reference(q, page_min, page_max, valid)

@@ -262,21 +262,34 @@ class FreeKV(SparseMethod):
         j = jnp.arange(num_pages)[None, :]
         return (j >= self.sink // self.page_size) & (j < self.recent_start(lengths)[:, None])
 
-    def select_pages(self, q, page_min, page_max, lengths):
-        """Group-consistent top-k candidates per KV head: (pages, valid) [B, Hkv, k] and the
-        group scores [B, Hkv, P] (-inf for non-candidates)."""
+    def page_bounds(self, q, page_min, page_max, lengths):
+        """Quest's bound [B, Hq, P] of every candidate page of `lengths` cached tokens for
+        query `q` (-inf for the other pages)."""
         b, hkv, num_pages, _ = page_min.shape
-        hq = q.shape[1]
         valid = jnp.broadcast_to(self.candidates(lengths, num_pages)[:, None, :], (b, hkv, num_pages))
-        scores = pk.page_scores(q, page_min, page_max, valid, impl=self.impl)  # [B, Hq, P]
+        return pk.page_scores(q, page_min, page_max, valid, impl=self.impl)
+
+    def rank_pages(self, bounds, num_kv_heads: int, lengths):
+        """Group-consistent top-k among the candidates of `lengths` cached tokens, from page
+        bounds [B, Hq, P] (those of a superset of the candidates will do): (pages, valid)
+        [B, Hkv, k] and the group scores [B, Hkv, P] (-inf for non-candidates)."""
+        b, hq, num_pages = bounds.shape
+        group_size = hq // num_kv_heads
+        valid = jnp.broadcast_to(self.candidates(lengths, num_pages)[:, None, :], (b, num_kv_heads, num_pages))
+        scores = jnp.where(jnp.repeat(valid, group_size, axis=1), bounds, -jnp.inf)
         # Softmax over the candidates per query head (a row without candidates gives zeros).
         top = scores.max(axis=-1, keepdims=True)
         e = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0))
         p = e / jnp.maximum(e.sum(axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
-        group = p.reshape(b, hkv, hq // hkv, num_pages).mean(axis=2)
+        group = p.reshape(b, num_kv_heads, group_size, num_pages).mean(axis=2)
         group = jnp.where(valid, group, -jnp.inf)
         best, pages = jax.lax.top_k(group, min(self.top_pages, num_pages))
         return pages.astype(jnp.int32), best > -jnp.inf, group
+
+    def select_pages(self, q, page_min, page_max, lengths):
+        """Group-consistent top-k candidates per KV head for query `q`: (pages, valid)
+        [B, Hkv, k] and the group scores [B, Hkv, P] (-inf for non-candidates)."""
+        return self.rank_pages(self.page_bounds(q, page_min, page_max, lengths), page_min.shape[1], lengths)
 
     def corrected_heads(self, cache: FreeKVLayerCache, q) -> jax.Array:
         """[B, Hkv] bool: heads that select with the current query this step."""
@@ -290,14 +303,18 @@ class FreeKV(SparseMethod):
         c = cos.reshape(b, hkv, hq // hkv).mean(axis=-1)
         return (c < self.tau) | ~cache.has_prev[:, None]
 
-    def choose_pages(self, cache: FreeKVLayerCache, q, lengths):
-        """This step's retrieved pages: (pages, valid [B, Hkv, k], group scores, corrected)."""
+    def choose_pages(self, cache: FreeKVLayerCache, q, lengths, bounds):
+        """This step's retrieved pages: (pages, valid [B, Hkv, k], group scores, corrected).
+
+        `bounds`: the page bounds of `q` (`page_bounds`) over the candidates of this step or
+        of the next one (which include them), shared with the next step's selection."""
         corrected = self.corrected_heads(cache, q)
+        hkv = cache.next_pages.shape[1]
         if not self.speculative:
-            return (*self.select_pages(q, cache.page_min, cache.page_max, lengths), corrected)
+            return (*self.rank_pages(bounds, hkv, lengths), corrected)
 
         def reselect(_):
-            fresh = self.select_pages(q, cache.page_min, cache.page_max, lengths)
+            fresh = self.rank_pages(bounds, hkv, lengths)
             spec = (cache.next_pages, cache.next_valid, cache.next_scores)
             return tuple(jnp.where(corrected[..., None], f, s) for f, s in zip(fresh, spec))
 
@@ -315,16 +332,21 @@ class FreeKV(SparseMethod):
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         if self.offload and self.speculative:
             cache = self._apply_staged(cache)
-        pages, selected, scores, corrected = self.choose_pages(cache, q, lengths)
+        lo, hi = add_token(cache.page_min, cache.page_max, k, lengths, self.page_size)
+        # This query's page bounds serve this step's selection (corrected heads) and the
+        # next step's speculative one: scored once over the next step's candidates, which
+        # include this step's, with the current token folded into its page's digests (that
+        # page is no candidate this step, and its digest is what the next step reads).
+        bounds = self.page_bounds(q, lo, hi, lengths + 1 if self.speculative else lengths)
+        pages, selected, scores, corrected = self.choose_pages(cache, q, lengths, bounds)
         if self.offload:
             out, new = self._offload_attend(cache, q, k, v, lengths, pages, selected, scores)
         else:
             out, new = self._device_attend(cache, q, k, v, lengths, pages, selected)
-        lo, hi = add_token(cache.page_min, cache.page_max, k, lengths, self.page_size)
         new = new.replace(page_min=lo, page_max=hi)
         if self.speculative:
             # Speculative selection for the next step, with this step's query.
-            next_pages, next_valid, next_scores = self.select_pages(q, lo, hi, lengths + 1)
+            next_pages, next_valid, next_scores = self.rank_pages(bounds, cache.k.shape[1], lengths + 1)
             new = new.replace(
                 prev_q=q.astype(jnp.float32),
                 has_prev=jnp.ones_like(cache.has_prev),

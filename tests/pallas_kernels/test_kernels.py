@@ -289,9 +289,43 @@ def test_score_references_match_loops(b, hq, hkv, d, c):
     got = centroid_scores_ref(jnp.asarray(q), jnp.asarray(lo), jnp.asarray(valid))
     want = np_centroid_scores(q, lo, valid)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    got = page_scores_ref(*map(jnp.asarray, (q, lo, hi, valid)))
     want = np_page_scores(q, lo, hi, valid)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    for form in (page_scores_ref, jax.jit(pk.page_scores_matmul)):
+        got = form(*map(jnp.asarray, (q, lo, hi, valid)))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_page_scores_matmul_matches_reference(dtype):
+    """The sign-split matrix-product form of Quest's bound on the cases where the choice
+    between `q * min` and `q * max` matters: query entries of both signs and exactly zero,
+    pages with min == max (one token), all-zero digests (empty pages), bfloat16 digests."""
+    rng = rng_for("page_scores_matmul", str(dtype))
+    b, hq, hkv, d, p = 2, 6, 2, 16, 40
+    q = normal(rng, (b, hq, d))
+    q[rng.random(q.shape) < 0.2] = 0.0
+    lo = normal(rng, (b, hkv, p, d))
+    hi = lo + np.abs(normal(rng, (b, hkv, p, d)))
+    hi[:, :, :5] = lo[:, :, :5]
+    lo[:, :, 5:9] = hi[:, :, 5:9] = 0.0
+    valid = rng.random((b, hkv, p)) < 0.8
+    args = (jnp.asarray(q), jnp.asarray(lo, dtype), jnp.asarray(hi, dtype), jnp.asarray(valid))
+    got = np.asarray(jax.jit(pk.page_scores_matmul)(*args))
+    want = np.asarray(page_scores_ref(*args))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("as_matmuls", [True, False])
+def test_page_scores_xla_form_follows_backend(monkeypatch, as_matmuls):
+    """impl="xla" computes page scores as matrix products where `compat` says so (CPUs)
+    and with the reference's element-wise reduction elsewhere."""
+    import pallas_kernels.scores as scores
+
+    monkeypatch.setattr(scores, "page_bounds_as_matmuls", lambda: as_matmuls)
+    for form in ("matmul", "reference"):
+        monkeypatch.setattr(scores, f"page_scores_{form}", lambda *a, _f=form: _f)
+    assert pk.page_scores(*(object(),) * 4) == ("matmul" if as_matmuls else "reference")
 
 
 @pytest.mark.parametrize(
@@ -533,6 +567,8 @@ def test_dispatcher_routes_by_impl(monkeypatch, module, name, nargs):
     import importlib
 
     mod = importlib.import_module(f"pallas_kernels.{module}")
+    if hasattr(mod, "page_bounds_as_matmuls"):  # the CPU's XLA form of page scores: tested above
+        monkeypatch.setattr(mod, "page_bounds_as_matmuls", lambda: False)
     calls = []
     for suffix in ("reference", "pallas"):
         monkeypatch.setattr(

@@ -1,0 +1,85 @@
+"""Quest's page bound two ways: the element-wise reduction against two matrix products.
+
+`pallas_kernels.page_scores` (impl "xla") computes `sum_d max(q[d] * min[d], q[d] * max[d])`
+as `max(q, 0) . max + min(q, 0) . min` (`page_scores_matmul`) on CPU and with the
+reference's element-wise reduction elsewhere (`pallas_kernels.compat.page_bounds_as_matmuls`);
+this measures both sides of that choice on the backend it runs on, at the page counts of
+Quest (pages of 16) and FreeKV (pages of 32) at 4k-32k tokens on the SmolLM2 shape (9 query
+heads over 3 KV heads of 64 dimensions): run time in alternating rounds and the operations
+in the compiled program (`bench/forms.py`).
+
+Run from the repository root:
+
+    .venv/bin/python -m bench.page_scores
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels as pk
+from bench.forms import per_round_ratio, time_forms
+from bench.method_speed import at_least_one, save_result
+
+REPO = Path(__file__).resolve().parent.parent
+PAGES = (128, 256, 512, 1024, 2048)  # 4k / 32, ..., 32k / 16
+FORMS = {"reference": pk.page_scores_reference, "matmul": pk.page_scores_matmul}
+
+
+def measure(pages: int, rounds: int, reps: int, *, query_heads: int = 9, kv_heads: int = 3,
+            head_dim: int = 64) -> dict[str, Any]:
+    rng = np.random.default_rng(pages)
+    lo = rng.standard_normal((1, kv_heads, pages, head_dim)).astype(np.float32)
+    args = tuple(jnp.asarray(a) for a in (
+        rng.standard_normal((1, query_heads, head_dim)).astype(np.float32),
+        lo, lo + np.abs(rng.standard_normal(lo.shape)).astype(np.float32),
+        rng.random((1, kv_heads, pages)) < 0.9,
+    ))
+    want = np.asarray(FORMS["reference"](*args))
+    np.testing.assert_allclose(np.asarray(FORMS["matmul"](*args)), want, rtol=1e-5, atol=1e-4)
+    timed = time_forms(FORMS, args, rounds, reps)
+    return {"pages": pages, "shape": {"query_heads": query_heads, "kv_heads": kv_heads, "head_dim": head_dim},
+            **timed, "reference_over_matmul": per_round_ratio(timed["runs_ms"], "reference", "matmul")}
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| pages | reference ms | matmul ms | reference / matmul | reference ops | matmul ops |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['pages']} | {r['ms']['reference']:.4f} | {r['ms']['matmul']:.4f} "
+                     f"| {r['reference_over_matmul']:.2f}x | {r['compiled_ops']['reference']} "
+                     f"| {r['compiled_ops']['matmul']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pages", type=at_least_one, nargs="+", default=list(PAGES))
+    p.add_argument("--rounds", type=at_least_one, default=7)
+    p.add_argument("--reps", type=at_least_one, default=200, help="applications per timed loop")
+    p.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/...)")
+    args = p.parse_args(argv)
+
+    from kvjax.environment import environment
+
+    env = environment()
+    date = datetime.date.today().isoformat()
+    output = args.output or REPO / "bench" / "results" / f"page_scores-{env['backend']}-{date}.json"
+    rows: list[dict[str, Any]] = []
+    for pages in args.pages:
+        rows.append(measure(pages, args.rounds, args.reps))
+        save_result(output, "page_scores", env, {"rounds": args.rounds, "reps": args.reps}, rows)
+    print(markdown_table(rows))
+    print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
