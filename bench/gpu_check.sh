@@ -13,15 +13,18 @@
 # A second call, if the session has device time left (about 5 minutes),
 #   run(command="bash bench/gpu_check.sh speed", timeout_s=600)
 # runs only:
-#   5. method_speed-gpu.json: decode ms/token of Full, Quest, ClusterKV and FreeKV at 32k on
+#   5. page_scores-gpu.json, prefix_sum-gpu.json: both forms of the two backend-specific
+#      choices (kvjax.compat.prefix_sums_as_scan, pallas_kernels.compat.page_bounds_as_matmuls:
+#      CPU forms chosen by measurement, GPU forms by operation counts) timed on the GPU.
+#   6. method_speed-gpu.json: decode ms/token of Full, Quest, ClusterKV and FreeKV at 32k on
 #      the Llama-3-8B shape in bfloat16, the settings of the 2026-11-23 H100 run
 #      (bench/results/method_speed-llama3-8b-gpu-2026-11-23.json: ClusterKV 0.95x of Full,
 #      Quest 1.30x), now with the decode steps free of per-layer conditionals (2026-12-07).
 #      That run's KV cache was float32 by a bench bug since fixed: compare ratios to Full.
 # Everything lands in $OUT (the device tool's folder; bench/results/gpu-check by hand).
-# CONTEXTS overrides bench/freekv.py's contexts (default 8192 16384 32768); SPEED_CONTEXTS and
-# SPEED_SHAPE step 5's context and shape (default 32768, llama3-8b; a CPU dry run:
-# SPEED_CONTEXTS=1024 SPEED_SHAPE=smollm2).
+# CONTEXTS overrides bench/freekv.py's contexts (default 8192 16384 32768); SPEED_CONTEXTS is
+# step 6's context (default 32768) and SPEED_SHAPE the model shape of steps 5 and 6 (default
+# llama3-8b); a CPU dry run: SPEED_CONTEXTS=1024 SPEED_SHAPE=smollm2.
 set -u
 OUT=${OUT:-bench/results/gpu-check}
 PY=${PYTHON:-python3}
@@ -44,8 +47,10 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, report the 
   >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 if [ "${1:-}" = speed ]; then
+  step page_scores 50 $PY -m bench.page_scores --shape "$SPEED_SHAPE" --output "$OUT/page_scores-gpu.json"
+  step prefix_sum 50 $PY -m bench.prefix_sum --output "$OUT/prefix_sum-gpu.json"
   # shellcheck disable=SC2086  # SPEED_CONTEXTS is a list of numbers
-  step method_speed 540 $PY -m bench.method_speed --shape "$SPEED_SHAPE" --dtype bfloat16 \
+  step method_speed 460 $PY -m bench.method_speed --shape "$SPEED_SHAPE" --dtype bfloat16 \
     --contexts $SPEED_CONTEXTS --steps 32 --repeats 2 --prefill-lengths \
     --methods full quest clusterkv_xla freekv --output "$OUT/method_speed-gpu.json"
   exit 0

@@ -5,7 +5,7 @@ as `max(q, 0) . max + min(q, 0) . min` (`page_scores_matmul`) on CPU and with th
 reference's element-wise reduction elsewhere (`pallas_kernels.compat.page_bounds_as_matmuls`);
 this measures both sides of that choice on the backend it runs on, at the page counts of
 Quest (pages of 16) and FreeKV (pages of 32) at 4k-32k tokens on the SmolLM2 shape (9 query
-heads over 3 KV heads of 64 dimensions): run time in alternating rounds and the operations
+heads over 3 KV heads of 64 dimensions; `--shape llama3-8b`: 32 over 8 of 128): run time in alternating rounds and the operations
 in the compiled program (`bench/forms.py`).
 
 Run from the repository root:
@@ -16,20 +16,21 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from bench import forms
 from bench.forms import per_round_ratio, time_forms
-from bench.method_speed import at_least_one, save_result
+from bench.method_speed import at_least_one
 
-REPO = Path(__file__).resolve().parent.parent
 PAGES = (128, 256, 512, 1024, 2048)  # 4k / 32, ..., 32k / 16
+# (query heads, KV heads, head dimension) of the model shapes of bench/method_speed.py.
+HEADS = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}
 FORMS = {"reference": pk.page_scores_reference, "matmul": pk.page_scores_matmul}
 
 
@@ -50,34 +51,22 @@ def measure(pages: int, rounds: int, reps: int, *, query_heads: int = 9, kv_head
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| pages | reference ms | matmul ms | reference / matmul | reference ops | matmul ops |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['pages']} | {r['ms']['reference']:.4f} | {r['ms']['matmul']:.4f} "
-                     f"| {r['reference_over_matmul']:.2f}x | {r['compiled_ops']['reference']} "
-                     f"| {r['compiled_ops']['matmul']} |")
-    return "\n".join(lines)
+    return forms.markdown_table(rows, "pages", lambda r: str(r["pages"]), "matmul", "reference",
+                                "reference_over_matmul")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pages", type=at_least_one, nargs="+", default=list(PAGES))
-    p.add_argument("--rounds", type=at_least_one, default=7)
-    p.add_argument("--reps", type=at_least_one, default=200, help="applications per timed loop")
-    p.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/...)")
+    p.add_argument("--shape", choices=sorted(HEADS), default="smollm2", help="query heads, KV heads and head size")
+    forms.add_timing_args(p)
     args = p.parse_args(argv)
-
-    from kvjax.environment import environment
-
-    env = environment()
-    date = datetime.date.today().isoformat()
-    output = args.output or REPO / "bench" / "results" / f"page_scores-{env['backend']}-{date}.json"
-    rows: list[dict[str, Any]] = []
-    for pages in args.pages:
-        rows.append(measure(pages, args.rounds, args.reps))
-        save_result(output, "page_scores", env, {"rounds": args.rounds, "reps": args.reps}, rows)
+    q_heads, kv_heads, head_dim = HEADS[args.shape]
+    measure_pages = functools.partial(measure, rounds=args.rounds, reps=args.reps, query_heads=q_heads,
+                                      kv_heads=kv_heads, head_dim=head_dim)
+    rows = forms.run("page_scores", args.output, {"shape": args.shape, "rounds": args.rounds, "reps": args.reps},
+                     (functools.partial(measure_pages, pages) for pages in args.pages))
     print(markdown_table(rows))
-    print(f"wrote {output}", file=sys.stderr)
     return 0
 
 

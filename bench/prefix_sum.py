@@ -14,19 +14,17 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import forms
 from bench.forms import per_round_ratio, time_forms
-from bench.method_speed import at_least_one, save_result
 
-REPO = Path(__file__).resolve().parent.parent
 # [B, heads, entries]: ClusterKV's candidates, clusters at 32k, budget slots + 1; FreeKV-sized rows.
 SHAPES = ((1, 9, 58), (1, 9, 420), (1, 9, 1009), (1, 9, 4099), (1, 3, 32768))
 FORMS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -46,32 +44,17 @@ def measure(shape: tuple[int, ...], rounds: int, reps: int) -> dict[str, Any]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| shape | scan ms | cumsum ms | cumsum / scan | scan ops | cumsum ops |", "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['ms']['associative_scan']:.4f} | {r['ms']['cumsum']:.4f} "
-                     f"| {r['cumsum_over_scan']:.2f}x | {r['compiled_ops']['associative_scan']} "
-                     f"| {r['compiled_ops']['cumsum']} |")
-    return "\n".join(lines)
+    return forms.markdown_table(rows, "shape", lambda r: "x".join(map(str, r["shape"])),
+                                "associative_scan", "cumsum", "cumsum_over_scan")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=at_least_one, default=7)
-    p.add_argument("--reps", type=at_least_one, default=200, help="applications per timed loop")
-    p.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/...)")
+    forms.add_timing_args(p)
     args = p.parse_args(argv)
-
-    from kvjax.environment import environment
-
-    env = environment()
-    date = datetime.date.today().isoformat()
-    output = args.output or REPO / "bench" / "results" / f"prefix_sum-{env['backend']}-{date}.json"
-    rows: list[dict[str, Any]] = []
-    for shape in SHAPES:
-        rows.append(measure(shape, args.rounds, args.reps))
-        save_result(output, "prefix_sum", env, {"rounds": args.rounds, "reps": args.reps}, rows)
+    rows = forms.run("prefix_sum", args.output, {"rounds": args.rounds, "reps": args.reps},
+                     (functools.partial(measure, shape, args.rounds, args.reps) for shape in SHAPES))
     print(markdown_table(rows))
-    print(f"wrote {output}", file=sys.stderr)
     return 0
 
 

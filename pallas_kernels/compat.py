@@ -26,7 +26,7 @@ def resolve_interpret(interpret: bool | None) -> bool:
 
 def page_bounds_as_matmuls() -> bool:
     """Whether XLA page scores are computed as two matrix products (`page_scores_matmul`):
-    on a CPU they are 1.6-3.4x faster than the element-wise reduction
+    on a CPU they are 1.8-3.2x faster than the element-wise reduction
     (`bench/page_scores.py`). Elsewhere the reduction stays: it compiles to 2 operations
     where the products take 5 (counted on the CPU), and at these sizes a decode step on a
     GPU is bound by kernel launches (the GPU side is not measured yet)."""

@@ -54,7 +54,7 @@ def page_scores_matmul(
     max + min(q, 0) . min`: the same products, summed in another order (equal to float
     tolerance for finite digests; an infinite digest entry gives NaN here, where the
     reference gives NaN only if `q[d] = 0`). On a CPU the two products run as matrix multiplications,
-    1.6-3.4x faster than the element-wise reduction at 128-2048 pages
+    1.8-3.2x faster than the element-wise reduction at 128-2048 pages
     (`bench/page_scores.py`); `page_scores` uses this form there only
     (`compat.page_bounds_as_matmuls`).
     """

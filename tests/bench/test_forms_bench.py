@@ -31,3 +31,15 @@ def test_measure_pairs_rounds_and_counts_both_forms(bench, size, ratio, first, s
     assert row["ms"][first] == statistics.median(runs[first])
     assert row["compiled_ops"][first] > 0 and row["compiled_ops"][second] > 0
     assert bench.markdown_table([row]).splitlines()[2].startswith(label)
+
+
+def test_page_scores_main_writes_the_shape_it_measured(tmp_path):
+    import json
+
+    out = tmp_path / "page_scores.json"
+    assert page_scores.main(["--shape", "llama3-8b", "--pages", "16", "--rounds", "1", "--reps", "1",
+                             "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["shape"] == "llama3-8b"
+    assert [r["pages"] for r in result["rows"]] == [16]
+    assert result["rows"][0]["shape"] == {"query_heads": 32, "kv_heads": 8, "head_dim": 128}
