@@ -93,7 +93,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv=None) -> int:
-    from bench.method_speed import (add_speed_args, copy_prefill, interleaved_runs, median_run, save_result,
+    from bench.method_speed import (add_speed_args, copy_prefill, interleaved_runs, record_runs, save_result,
                                     shaped_model, time_decode)
     from kvjax.environment import environment
 
@@ -132,13 +132,8 @@ def main(argv=None) -> int:
         rows.append(row)
         shared = real_prefill(model, context, args.steps) if args.real else None
 
-        def done(name, runs_of_name, row=row, context=context):
-            row["methods"][name] = median_run(runs_of_name)
-            save()
-            res = runs_of_name[-1]
-            log(f"{context:>6} {name:>20}: {res['decode_ms_per_token']:.1f} ms/token, device KV "
-                f"{res['device_kv_bytes'] / 2**20:.1f} MiB, host KV {res.get('host_kv_bytes', 0) / 2**20:.1f} MiB")
-
+        done = record_runs(row, save, lambda res: f"{res['decode_ms_per_token']:.1f} ms/token, device KV "
+                           f"{res['device_kv_bytes'] / 2**20:.1f} MiB, host KV {res.get('host_kv_bytes', 0) / 2**20:.1f} MiB")
         measure = lambda n: time_decode(model, methods[n], context, args.steps, seed=context,
                                         pre=None if shared is None else copy_prefill(shared))
         row["ratios"] = ratios(interleaved_runs(list(args.variants), measure, args.repeats, done))

@@ -13,6 +13,7 @@ share of a real dense prefill, measured at the lengths listed in `--prefill-leng
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -170,6 +171,18 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return res
 
 
+def record_runs(row: dict[str, Any], save: Callable[[], None],
+                describe: Callable[[dict[str, Any]], str]) -> Callable[[str, list[dict[str, Any]]], None]:
+    """An `interleaved_runs` callback: keep the median run of a method in `row["methods"]`,
+    write the JSON (`save`) and log the latest run (`describe(run)`) to stderr."""
+    def done(name: str, runs_of_name: list[dict[str, Any]]) -> None:
+        row["methods"][name] = median_run(runs_of_name)
+        save()
+        print(f"{row['context']:>6} {name:>20}: {describe(runs_of_name[-1])}", file=sys.stderr, flush=True)
+
+    return done
+
+
 def interleaved_runs(names: list[str], measure: Callable[[str], dict[str, Any]], repeats: int,
                      done: Callable[[str, list[dict[str, Any]]], None] | None = None) -> dict[str, list[dict[str, Any]]]:
     """`repeats` rounds that each time every name once (`measure(name)`), each round starting
@@ -263,7 +276,6 @@ def at_least_one(text: str) -> int:
 def main(argv=None) -> int:
     import argparse
     import datetime
-    import sys
     from pathlib import Path
 
     from kvjax.environment import environment
@@ -298,13 +310,8 @@ def main(argv=None) -> int:
         names = [n for n in args.methods if not (n == "clusterkv_pallas" and jax.default_backend() == "cpu"
                                                   and context > args.pallas_max_context)]
 
-        def done(name, runs_of_name, row=row, context=context):
-            row["methods"][name] = median_run(runs_of_name)
-            save()
-            res = runs_of_name[-1]
-            log(f"{context:>6} {name:>16}: {res['decode_ms_per_token']:.1f} ms/token, index "
-                f"{res['index_build_s']:.2f} s, device KV {res['device_kv_bytes'] / 2**20:.0f} MiB")
-
+        done = record_runs(row, save, lambda res: f"{res['decode_ms_per_token']:.1f} ms/token, index "
+                           f"{res['index_build_s']:.2f} s, device KV {res['device_kv_bytes'] / 2**20:.0f} MiB")
         runs = interleaved_runs(names, lambda n: time_decode(model, all_methods[n], context, args.steps, seed=context),
                                 args.repeats, done)
         row["paired_ratios"] = {k: paired_ratio(runs, a, b) for k, (a, b) in PAIRED_RATIOS.items()}

@@ -16,6 +16,19 @@ def test_median_run_takes_the_median_of_each_timing():
     assert runs[0]["decode_ms_per_token"] == 30.0  # the runs are not modified
 
 
+def test_record_runs_keeps_the_median_run_saves_and_logs_the_latest(capsys):
+    row, saves = {"context": 4096, "methods": {}}, []
+    done = method_speed.record_runs(row, lambda: saves.append(dict(row["methods"])),
+                                    lambda res: f"{res['decode_ms_per_token']:.1f} ms/token")
+    runs = [{"decode_ms_per_token": ms, "index_build_s": 0.0} for ms in (50.0, 10.0, 30.0)]
+    for n in range(1, 4):
+        done("quest", runs[:n])
+    assert row["methods"]["quest"] == method_speed.median_run(runs)
+    assert [s["quest"]["decode_ms_per_token"] for s in saves] == [50.0, 30.0, 30.0]
+    assert capsys.readouterr().err.splitlines() == [
+        f"  4096                quest: {ms} ms/token" for ms in ("50.0", "10.0", "30.0")]
+
+
 def test_interleaved_runs_time_every_method_once_per_round_in_rotated_order():
     calls, done = [], []
 
