@@ -5,8 +5,8 @@ as `max(q, 0) . max + min(q, 0) . min` (`page_scores_matmul`) on CPU and with th
 reference's element-wise reduction elsewhere (`pallas_kernels.compat.page_bounds_as_matmuls`);
 this measures both sides of that choice on the backend it runs on, at the page counts of
 Quest (pages of 16) and FreeKV (pages of 32) at 4k-32k tokens on the SmolLM2 shape (9 query
-heads over 3 KV heads of 64 dimensions; `--shape llama3-8b`: 32 over 8 of 128): run time in alternating rounds and the operations
-in the compiled program (`bench/forms.py`).
+heads over 3 KV heads of 64 dimensions; `--shape llama3-8b`: 32 over 8 of 128): run time in
+alternating rounds and the operations in the compiled program (`bench/forms.py`).
 
 Run from the repository root:
 
@@ -34,8 +34,8 @@ HEADS = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}
 FORMS = {"reference": pk.page_scores_reference, "matmul": pk.page_scores_matmul}
 
 
-def measure(pages: int, rounds: int, reps: int, *, query_heads: int = 9, kv_heads: int = 3,
-            head_dim: int = 64) -> dict[str, Any]:
+def measure(pages: int, rounds: int, reps: int, shape: str = "smollm2") -> dict[str, Any]:
+    query_heads, kv_heads, head_dim = HEADS[shape]
     rng = np.random.default_rng(pages)
     lo = rng.standard_normal((1, kv_heads, pages, head_dim)).astype(np.float32)
     args = tuple(jnp.asarray(a) for a in (
@@ -61,11 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", choices=sorted(HEADS), default="smollm2", help="query heads, KV heads and head size")
     forms.add_timing_args(p)
     args = p.parse_args(argv)
-    q_heads, kv_heads, head_dim = HEADS[args.shape]
-    measure_pages = functools.partial(measure, rounds=args.rounds, reps=args.reps, query_heads=q_heads,
-                                      kv_heads=kv_heads, head_dim=head_dim)
     rows = forms.run("page_scores", args.output, {"shape": args.shape, "rounds": args.rounds, "reps": args.reps},
-                     (functools.partial(measure_pages, pages) for pages in args.pages))
+                     (functools.partial(measure, pages, args.rounds, args.reps, args.shape) for pages in args.pages))
     print(markdown_table(rows))
     return 0
 

@@ -53,8 +53,8 @@ def page_scores_matmul(
     max[d]` where `q[d] >= 0` and `q[d] * min[d]` elsewhere, so the bound is `max(q, 0) .
     max + min(q, 0) . min`: the same products, summed in another order (equal to float
     tolerance for finite digests; an infinite digest entry gives NaN here, where the
-    reference gives NaN only if `q[d] = 0`). On a CPU the two products run as matrix multiplications,
-    1.8-3.2x faster than the element-wise reduction at 128-2048 pages
+    reference gives NaN only if `q[d] = 0`). On a CPU the two products run as matrix
+    multiplications, 1.8-3.2x faster than the element-wise reduction at 128-2048 pages
     (`bench/page_scores.py`); `page_scores` uses this form there only
     (`compat.page_bounds_as_matmuls`).
     """
