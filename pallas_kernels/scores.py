@@ -2,6 +2,18 @@
 
 Query heads are grouped by KV head: q [B, Hq, d] is scored against the centroids/digests of
 its own KV head. Scores are float32; invalid entries score -inf.
+
+Both Pallas kernels are written for the Triton lowering on GPU (selected by
+`compat.compiler_params`): static power-of-two blocks, elementwise products and row sums
+instead of a [G, d] x [d, C] matmul (Triton's dot rejects G < 16), and the [G, d]
+query-group block zero-padded to a power of two (3 -> 4; padded rows are never computed).
+
+Verified: CPU interpret mode (jax 0.10) and, for float32 inputs, compiled for an H100 (jax
+0.11.2, Triton). The bfloat16 test cases gave wrong scores there. Their last block (130
+entries in blocks of 32) overflowed every row into the next and, with G = 4, no padding row
+caught the last row's overflow, which landed in the next KV head's scores: the likely cause
+is that unpadded block (now padded), not bfloat16. Until bfloat16 has matched the reference
+on a GPU it is refused there. Not yet run on a TPU.
 """
 
 from __future__ import annotations
@@ -150,15 +162,7 @@ def centroid_scores_pallas(
     Grid (B, Hkv, blocks of `block` clusters): each step reads a block of one KV head's
     centroids once and scores it against all G query heads of the group (static unroll).
 
-    Verified: CPU interpret mode (jax 0.10) and, for float32 inputs, compiled for an H100
-    (jax 0.11.2, Triton). The bfloat16 test case gave wrong scores there. Its last block
-    (130 entries in blocks of 32) overflowed every row into the next and, with G = 4, no
-    padding row caught the last row's overflow, which landed in the next KV head's scores:
-    the likely cause is that unpadded block (now padded), not bfloat16. Until bfloat16 has
-    matched the reference on a GPU it is refused there. Not yet run on a TPU. Written for the Triton lowering on GPU (selected by `compat.compiler_params`): static
-    power-of-two blocks, elementwise products and row sums instead of a [G, d] x [d, C]
-    matmul (Triton's dot rejects G < 16), and the [G, d] query-group block zero-padded to a
-    power of two (3 -> 4; padded rows are never computed).
+    Verification status and GPU design: see the module docstring.
     """
     interpret = resolve_interpret(interpret)
     if centroids.dtype != jnp.float32:
@@ -180,15 +184,7 @@ def page_scores_pallas(
     Grid (B, Hkv, blocks of `block` pages): each step reads a block of one KV head's page
     min/max digests once and computes Quest's bound for all G query heads of the group.
 
-    Verified: CPU interpret mode (jax 0.10) and, for float32 inputs, compiled for an H100
-    (jax 0.11.2, Triton). The bfloat16 test case gave wrong scores there. Its last block
-    (130 entries in blocks of 32) overflowed every row into the next and, with G = 4, no
-    padding row caught the last row's overflow, which landed in the next KV head's scores:
-    the likely cause is that unpadded block (now padded), not bfloat16. Until bfloat16 has
-    matched the reference on a GPU it is refused there. Not yet run on a TPU. Written for the Triton lowering on GPU (selected by `compat.compiler_params`): static
-    power-of-two blocks, elementwise products and row sums instead of a [G, d] x [d, C]
-    matmul (Triton's dot rejects G < 16), and the [G, d] query-group block zero-padded to a
-    power of two (3 -> 4; padded rows are never computed).
+    Verification status and GPU design: see the module docstring.
     """
     interpret = resolve_interpret(interpret)
     if page_min.dtype != jnp.float32:
