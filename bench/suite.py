@@ -2,18 +2,22 @@
 present, one JSON per machine, and one table (and plots) across such files.
 
 `all` runs `bench/method_speed.py` (decode ms/token of every method against Full),
-`bench/freekv.py` (FreeKV with and without host offload) and `bench/stream.py` (streaming video
-memory and time to first token: LiveVLM, FullVideo, ReKV) with a preset, and writes
+`bench/freekv.py` (FreeKV with and without host offload), `bench/stream.py` (streaming video
+memory and time to first token: LiveVLM, FullVideo, ReKV), `bench/page_scores.py` and
+`bench/prefix_sum.py` (both forms of the two operations whose form depends on the backend,
+`pallas_kernels.compat.page_bounds_as_matmuls` and `kvjax.compat.prefix_sums_as_scan`: the
+choice measured on the backend at hand) with a preset, and writes
 `bench/results/<backend>-<device>-<date>.json` holding the results and the environment:
 
-- `reduced`: contexts 2k/4k (FreeKV: 4k), 8 decode steps, `stream.py --reduced`; 6 minutes on a
-  2-core VM;
+- `reduced`: contexts 2k/4k (FreeKV: 4k), 8 decode steps, `stream.py --reduced`, the two
+  operation benchmarks with 3 rounds of 50 applications; 6 minutes on a 2-core VM;
 - `full`: the issues' settings, 4k/16k/32k (FreeKV: 8k/16k/32k), 16 steps, streams of 64 to
-  1024 frames (LiveVLM: 4096 and more);
-- `gpu`: `full` plus the Llama-3-8B shape in bfloat16 at 32k and 128k.
+  1024 frames (LiveVLM: 4096 and more), the operation benchmarks' defaults;
+- `gpu`: `full` plus the Llama-3-8B shape in bfloat16 at 32k and 128k (page bounds with its
+  heads too).
 
 `compare FILES...` reads files written by `all` (or by `method_speed.py` / `freekv.py`
-directly; a suite's stream results have no decode speed and are left out, files that are
+directly; a suite's other parts have no decode speed and are left out, files that are
 not speed results are skipped with a notice) and prints one markdown table: decode ms/token
 per method, context and file, the speedup over Full in the same file, and device KV MiB;
 `--plot PNG` draws ms/token vs context, the speedup over Full and device KV bytes, one line
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import re
 import sys
@@ -40,17 +45,22 @@ PRESETS: dict[str, list[tuple[str, list[str]]]] = {
                           "--methods", "full", "streaming_llm", "quest", "clusterkv_xla", "freekv"]),
         ("freekv", ["--contexts", "4096", "--steps", "8"]),
         ("stream", ["--reduced"]),
+        ("page_scores", ["--rounds", "3", "--reps", "50"]),
+        ("prefix_sum", ["--rounds", "3", "--reps", "50"]),
     ],
     "full": [
         ("method_speed", ["--contexts", "4096", "16384", "32768", "--prefill-lengths", "4096", "16384"]),
         ("freekv", ["--contexts", "8192", "16384", "32768"]),
         ("stream", []),
+        ("page_scores", []),
+        ("prefix_sum", []),
     ],
 }
 PRESETS["gpu"] = PRESETS["full"] + [
     ("method_speed", ["--shape", "llama3-8b", "--dtype", "bfloat16", "--contexts", "32768", "131072",
                       "--steps", "32", "--prefill-lengths",
                       "--methods", "full", "quest", "clusterkv_xla", "freekv"]),
+    ("page_scores", ["--shape", "llama3-8b"]),
 ]
 
 
@@ -65,10 +75,9 @@ def result_path(env: dict[str, Any]) -> Path:
 
 def run_all(preset: str, output: Path | None = None) -> Path:
     """Run the preset's benchmarks one after the other and merge their JSON into one file."""
-    from bench import freekv, method_speed, stream
     from kvjax.environment import environment
 
-    mains = {"method_speed": method_speed.main, "freekv": freekv.main, "stream": stream.main}
+    mains = {name: importlib.import_module(f"bench.{name}").main for name in {n for n, _ in PRESETS[preset]}}
     env = environment()
     output = output or result_path(env)
     merged: dict[str, Any] = {"benchmark": "suite", "preset": preset, "environment": env, "results": []}
@@ -84,7 +93,10 @@ def run_all(preset: str, output: Path | None = None) -> Path:
     return output
 
 
-SPEED_BENCHMARKS = ("method_speed", "freekv")  # what `all` runs, and `compare` reads
+SPEED_BENCHMARKS = ("method_speed", "freekv")  # what `compare` reads
+# The parts of a suite without decode speed, each with its table: `all` prints them after the
+# speed table, `compare` leaves them out.
+OTHER_PARTS = {"stream": "bench.stream", "page_scores": "bench.page_scores", "prefix_sum": "bench.prefix_sum"}
 
 
 def not_speed_result(path: Path) -> str | None:
@@ -97,8 +109,10 @@ def not_speed_result(path: Path) -> str | None:
     if not isinstance(data, dict):
         return "not a benchmark result"
     parts = data.get("results") if data.get("benchmark") == "suite" else [data]
-    if isinstance(parts, list) and data.get("benchmark") == "suite":  # a suite's stream part has no decode speed
-        parts = [p for p in parts if not (isinstance(p, dict) and p.get("benchmark") == "stream")]
+    if isinstance(parts, list) and data.get("benchmark") == "suite":
+        parts = [p for p in parts if not (isinstance(p, dict) and p.get("benchmark") in OTHER_PARTS)]
+        if not parts:
+            return "a suite without decode-speed results"
     for part in parts if isinstance(parts, list) and parts else [{}]:
         if not isinstance(part, dict) or part.get("benchmark") not in SPEED_BENCHMARKS:
             name = part.get("benchmark") if isinstance(part, dict) else None
@@ -116,7 +130,7 @@ def speed_rows(path: Path) -> list[dict[str, Any]]:
     parts = data["results"] if data.get("benchmark") == "suite" else [data]
     rows = []
     for part in parts:
-        if data.get("benchmark") == "suite" and part.get("benchmark") == "stream":
+        if data.get("benchmark") == "suite" and part.get("benchmark") in OTHER_PARTS:
             continue  # no decode speed: `all` prints its own table
         backend = part["environment"]["backend"]
         model = part["settings"]["model"]
@@ -191,13 +205,12 @@ def main(argv=None) -> int:
     c.add_argument("--plot", type=Path, default=None, help="write the plots to this PNG")
     args = p.parse_args(argv)
     if args.action == "all":
-        from bench.stream import markdown_table as stream_table
-
         output = run_all(args.preset, args.output)
         print(compare_table(speed_rows(output)))
         for part in json.loads(output.read_text())["results"]:
-            if part["benchmark"] == "stream":
-                print("\n" + stream_table(part["rows"]))
+            if part["benchmark"] in OTHER_PARTS:
+                table = importlib.import_module(OTHER_PARTS[part["benchmark"]]).markdown_table
+                print(f"\n{part['benchmark']}:\n" + table(part["rows"]))
         return 0
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:

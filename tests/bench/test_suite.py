@@ -73,3 +73,25 @@ def test_compare_without_any_speed_result_is_an_error(capsys):
     err = capsys.readouterr().err
     assert "none of the 2 files is a speed result" in err
     assert err.count("# skipped") == 2
+
+
+def test_all_runs_the_operation_benchmarks_and_compare_leaves_them_out(tmp_path, monkeypatch):
+    """Every preset measures both forms of the backend-dependent operations; in a suite file
+    they sit beside the speed parts, which alone make `compare`'s rows."""
+    assert all({"page_scores", "prefix_sum"} <= {name for name, _ in preset} for preset in suite.PRESETS.values())
+    tiny = [("page_scores", ["--pages", "16", "--rounds", "1", "--reps", "1"]),
+            ("prefix_sum", ["--rounds", "1", "--reps", "1"])]
+    monkeypatch.setitem(suite.PRESETS, "tiny", tiny)
+    output = suite.run_all("tiny", tmp_path / "suite.json")
+    merged = json.loads(output.read_text())
+    assert [part["benchmark"] for part in merged["results"]] == ["page_scores", "prefix_sum"]
+    assert [r["pages"] for r in merged["results"][0]["rows"]] == [16]
+    assert all(r["cumsum_over_scan"] > 0 for r in merged["results"][1]["rows"])
+    assert suite.not_speed_result(output) == "a suite without decode-speed results"
+
+    merged["results"].insert(0, json.loads(CPU.read_text()))
+    with_speed = tmp_path / "with_speed.json"
+    with_speed.write_text(json.dumps(merged))
+    assert suite.not_speed_result(with_speed) is None
+    rename = lambda rows: [{**r, "file": None} for r in rows]  # noqa: E731
+    assert rename(suite.speed_rows(with_speed)) == rename(suite.speed_rows(CPU))
