@@ -10,8 +10,8 @@ choice measured on the backend at hand) with a preset, and writes
 `bench/results/<backend>-<device>-<date>.json` holding the results and the environment:
 
 - `reduced`: contexts 2k/4k (FreeKV: 4k), 8 decode steps, `stream.py --reduced`, the two
-  operation benchmarks with 3 rounds of 50 applications; 6 minutes on a 2-core VM (the
-  operation benchmarks took about 40 s of it);
+  operation benchmarks with 3 rounds of 50 applications; 6 minutes on a 2-core VM, and
+  about 40 s for the operation benchmarks;
 - `full`: the issues' settings, 4k/16k/32k (FreeKV: 8k/16k/32k), 16 steps, streams of 64 to
   1024 frames (LiveVLM: 4096 and more), the operation benchmarks' defaults;
 - `gpu`: `full` plus the Llama-3-8B shape in bfloat16 at 32k and 128k (page bounds with its
