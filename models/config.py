@@ -55,11 +55,6 @@ class ModelConfig:
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
 
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head (G)."""
-        return self.num_heads // self.num_kv_heads
-
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Build from the contents of an HF `config.json`."""
