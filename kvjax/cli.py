@@ -168,7 +168,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Long-context generation with the embedded model: a passkey hidden in a long prompt."""
     from kvjax.eval.tasks import ContextTooShortError, make_sample
     from kvjax.generation import generate_many
-    from kvjax.methods import ClusterKV, Full, Quest, StreamingLLM
+    from kvjax.methods import ClusterKV, FreeKV, Full, Quest, StreamingLLM
 
     model = _load_model(args)
     try:
@@ -179,7 +179,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"prompt: {sample.context_tokens} tokens with a pass key hidden at 40% depth; "
               f"the question is fed token by token after prefill. One dense prefill is shared by "
               f"all methods (prefill times include each method's own indexing).\n")
-    methods = (StreamingLLM(budget=256), Quest(budget=256), ClusterKV(budget=256), Full())
+    # FreeKV keeps the whole KV in host memory (offload) and on the device only what it attends.
+    freekv = FreeKV(budget=256, sink=32, recent=64, page_size=16, offload=True)
+    methods = (StreamingLLM(budget=256), Quest(budget=256), ClusterKV(budget=256), freekv, Full())
     outputs = generate_many(model, sample.context, methods, question=sample.question, max_new_tokens=8)
     if args.json:
         print(json.dumps({
@@ -190,11 +192,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     for method, out in zip(methods, outputs):
         s = out.stats
+        host = f" (+ {s['host_kv_bytes'] / 2**20:.1f} MiB in host memory)" if s.get("host_kv_bytes") else ""
         print(f"{method.name:14s} answer: {out.text.strip()!r:20s} "
               f"({'correct' if sample.answers[0] in out.text else 'wrong'}, expected {sample.answers[0]})")
         print(f"{'':14s} prefill {s['prefill_s']:.2f}s ({sample.context_tokens / s['prefill_s']:.0f} tok/s), "
               f"decode {s['decode_ms_per_step']:.1f} ms/token, KV on device "
-              f"{s['device_kv_bytes'] / 2**20:.1f} MiB, compile {s['compile_s']:.1f}s\n")
+              f"{s['device_kv_bytes'] / 2**20:.1f} MiB{host}, compile {s['compile_s']:.1f}s\n")
     return 0
 
 

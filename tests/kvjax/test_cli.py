@@ -193,14 +193,18 @@ def test_a_prompt_too_short_for_the_task_names_the_flag(argv, flag):
 @pytest.mark.slow
 @needs_model
 def test_demo_json_answers_the_passkey(capsys):
-    """The main job (`make demo`) on a short prompt: Full and ClusterKV find the pass key, every
-    method reports its timings, and the JSON is what `bench/compile_cache.py` reads."""
+    """The main job (`make demo`) on a short prompt: Full, ClusterKV and FreeKV find the pass
+    key, FreeKV holds most of its KV in host memory, every method reports its timings, and the
+    JSON is what `bench/compile_cache.py` reads."""
     assert main(["demo", "--json", "--tokens", "1000"]) == 0
     demo = json.loads(capsys.readouterr().out)
     assert abs(demo["prompt_tokens"] - 1000) <= 50
     by_method = {m["method"]: m for m in demo["methods"]}
-    assert list(by_method) == ["streaming_llm", "quest", "clusterkv", "full"]
-    for name in ("full", "clusterkv"):
+    assert list(by_method) == ["streaming_llm", "quest", "clusterkv", "freekv", "full"]
+    for name in ("full", "clusterkv", "freekv"):
         assert by_method[name]["correct"] and demo["expected"] in by_method[name]["answer"], by_method[name]
+    freekv, full = by_method["freekv"]["stats"], by_method["full"]["stats"]
+    assert freekv["device_kv_bytes"] < freekv["host_kv_bytes"] and freekv["device_kv_bytes"] < full["device_kv_bytes"]
+    assert full["host_kv_bytes"] == 0
     for m in demo["methods"]:
         assert m["stats"]["compile_s"] >= 0 and m["stats"]["decode_ms_per_step"] > 0
