@@ -29,6 +29,46 @@ METHOD_HYPERPARAMETERS = {
 }
 
 
+# What each hyperparameter flag sets; `_flag_help` adds the default of every method taking it.
+HYPERPARAMETER_HELP = {
+    "budget": "tokens attended per decode step (per query head; FreeKV: per KV head, sink + pages + recent)",
+    "sink": "first tokens, always attended",
+    "page_size": "tokens per page",
+    "dense_layers": "first layers that keep dense attention",
+    "tokens_per_cluster": "prompt tokens per K-means cluster",
+    "kmeans_iters": "K-means iterations",
+    "window": "generated tokens that are clustered together once they fill the window",
+    "window_clusters": "clusters per generated window",
+    "selection": "query_head (a selection per query head) or kv_head (per KV head: cheaper, less accurate)",
+    "init": "K-means initialisation: even or random",
+    "kmeans_seed": "seed of init=random",
+    "impl": "xla (jnp references) or pallas (kernels)",
+    "recent": "most recent tokens, always attended",
+    "tau": "mean query cosine over a KV head's group below which it re-selects with the current query",
+    "speculative": "select with the previous step's query (corrected per KV head by tau)",
+    "offload": "keep the whole KV in host memory and copy in only what a step attends",
+    "short_frames": "most recent frames kept uncompressed",
+    "clip_frames": "frames encoded together",
+    "memory_tokens": "long-term memory tokens per layer (None: {default_memory}, capped to the context)",
+    "sink_fraction": "share of the long-term memory kept by score alone, whatever the bucket",
+    "retrieve_ratio": "share of long-term pages a question retrieves",
+    "retrieve_frames": "frames a question retrieves",
+    "vsb_score": "what memory compression ranks tokens by: attention (the spec) or keydiff (for text-like streams)",
+}
+
+
+def _flag_help(name: str, classes: dict[str, type]) -> str:
+    """The flag's meaning and the default of each method (`classes`: CLI name -> class) taking it."""
+    import dataclasses
+
+    from kvjax.methods.livevlm import DEFAULT_MEMORY
+
+    defaults = [f"{key} {f.default}" for key, cls in classes.items() for f in dataclasses.fields(cls)
+                if f.name == name]
+    meaning = HYPERPARAMETER_HELP[name].format(default_memory=DEFAULT_MEMORY)
+    return f"{meaning}; default: {', '.join(defaults)}"
+
+
 def _add_method_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
     from kvjax.methods import METHODS
 
@@ -39,8 +79,7 @@ def _add_method_args(p: argparse.ArgumentParser, multiple: bool = False) -> None
         p.add_argument("--method", default="full", choices=sorted(METHODS), help="KV-cache method")
     for name, typ in METHOD_HYPERPARAMETERS.items():
         kind = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": typ}
-        p.add_argument(f"--{name.replace('_', '-')}", **kind, default=None,
-                       help=f"method hyperparameter {name} (method default when omitted)")
+        p.add_argument(f"--{name.replace('_', '-')}", **kind, default=None, help=_flag_help(name, METHODS))
 
 
 def _method_from_args(name: str, args: argparse.Namespace, strict: bool = True):
@@ -374,9 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--max-new-tokens", type=int, default=32)
     st.add_argument("--answer-prefix", default=None, help="fed after each question, before the answer")
     st.add_argument("--json", action="store_true", help="one JSON object per answer")
+    import kvjax
+
+    stream_classes = {key: getattr(kvjax, cls) for key, cls in STREAM_METHODS.items()}
     for name, typ in STREAM_HYPERPARAMETERS.items():
-        st.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None,
-                        help=f"method hyperparameter {name} (method default when omitted)")
+        st.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=_flag_help(name, stream_classes))
     st.set_defaults(func=cmd_stream)
 
     b = sub.add_parser("bench", help="speed benchmarks: 'all [--preset P]' or 'compare FILES [--plot PNG]'",

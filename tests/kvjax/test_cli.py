@@ -208,3 +208,27 @@ def test_demo_json_answers_the_passkey(capsys):
     assert full["host_kv_bytes"] == 0
     for m in demo["methods"]:
         assert m["stats"]["compile_s"] >= 0 and m["stats"]["decode_ms_per_step"] > 0
+
+
+@pytest.mark.parametrize("command,classes", [
+    ("generate", {"streaming_llm": "StreamingLLM", "quest": "Quest", "clusterkv": "ClusterKV", "freekv": "FreeKV"}),
+    ("stream", {"livevlm": "LiveVLM", "fullvideo": "FullVideo", "rekv": "ReKV"}),
+])
+def test_hyperparameter_flags_say_what_they_set_and_each_methods_default(command, classes):
+    import argparse
+    import dataclasses
+
+    import kvjax
+    from kvjax.cli import HYPERPARAMETER_HELP, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = {a.dest: a.help for a in sub._actions if a.dest in HYPERPARAMETER_HELP}
+    assert flags, command
+    for name, text in flags.items():
+        meaning, defaults = text.split("; default: ")
+        assert meaning and "hyperparameter" not in meaning
+        expected = [f"{key} {f.default}" for key, cls in classes.items()
+                    for f in dataclasses.fields(getattr(kvjax, cls)) if f.name == name]
+        assert defaults.split(", ") == expected, name
+    if command == "generate":
+        assert flags["budget"].endswith("default: streaming_llm 1024, quest 1024, clusterkv 1024, freekv 2048")
