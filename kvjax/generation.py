@@ -118,14 +118,18 @@ def _decode(
     """Feed the question (forced tokens) then sample until EOS or `max_new` tokens.
 
     forced: [B, Q] question ids, forced_len: [B]. Returns generated ids [B, out_size] (-1
-    past the end), their count [B], the number of forward steps, and the final cache.
+    past the end), their count [B], the number of forward steps, the first step whose logits
+    held a NaN or Inf per sequence [B] (-1: none; step 0 is the prompt's last token), and the
+    final cache.
     """
     COMPILE_COUNTS["decode"] += 1
     batch = forced.shape[0]
     rows = jnp.arange(batch)
 
-    def pick(step, logits, key, out, count, done):
+    def pick(step, logits, key, out, count, done, bad):
         """Choose the token after `step` forward steps and record it if it is generated."""
+        nonfinite = ~jnp.all(jnp.isfinite(logits), axis=-1) & ~done
+        bad = jnp.where((bad < 0) & nonfinite, step, bad)
         key, sub = jax.random.split(key)
         sampled = _sample(logits, sub, temperature, top_p, greedy)
         is_forced = step < forced_len
@@ -134,32 +138,33 @@ def _decode(
         out = out.at[rows, jnp.where(record, count, out_size)].set(token, mode="drop")
         count = count + record
         done = done | (record & (jnp.isin(token, eos_ids) | (count >= max_new)))
-        return token, key, out, count, done
+        return token, key, out, count, done, bad
 
     out = jnp.full((batch, out_size), -1, jnp.int32)
     count = jnp.zeros((batch,), jnp.int32)
     done = jnp.zeros((batch,), bool)
-    token, key, out, count, done = pick(jnp.int32(0), first_logits, key, out, count, done)
+    bad = jnp.full((batch,), -1, jnp.int32)
+    token, key, out, count, done, bad = pick(jnp.int32(0), first_logits, key, out, count, done, bad)
 
     def cond(carry):
-        step, _, _, _, _, _, done = carry
+        step, _, _, _, _, _, done, _ = carry
         return ~jnp.all(done) & (step < forced.shape[1] + out_size)
 
     def body(carry):
-        step, cache, token, key, out, count, done = carry
+        step, cache, token, key, out, count, done, bad = carry
         positions = cache.lengths[:, None]
         logits, cache = forward(params, token[:, None], positions, cache, method, config=config)
         cache = sharding.constrain(cache, mesh)
         step = step + 1
-        token, key, out, count, done = pick(step, logits[:, 0], key, out, count, done)
-        return step, cache, token, key, out, count, done
+        token, key, out, count, done, bad = pick(step, logits[:, 0], key, out, count, done, bad)
+        return step, cache, token, key, out, count, done, bad
 
-    step, cache, _, _, out, count, _ = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), cache, token, key, out, count, done)
+    step, cache, _, _, out, count, _, bad = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), cache, token, key, out, count, done, bad)
     )
     # Every process reads the generated ids (multi-host): they are small, replicate them.
-    out, count = sharding.constrain_replicated((out, count), mesh)
-    return out, count, step, sharding.constrain(cache, mesh)
+    out, count, bad = sharding.constrain_replicated((out, count, bad), mesh)
+    return out, count, step, bad, sharding.constrain(cache, mesh)
 
 
 def _convert(dense: Cache, *, method: Method, spec: CacheSpec, bucket: int, mesh: Mesh | None = None) -> Cache:
@@ -301,6 +306,19 @@ def _check_generation_args(max_new_tokens: int, temperature: float, top_p: float
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def _check_finite(bad: np.ndarray, method: Method) -> None:
+    """Raise on logits that held a NaN or Inf (`bad`: the first such forward step per
+    sequence, -1 for none): greedy or sampled tokens from them would be a silent wrong answer."""
+    rows = np.flatnonzero(bad >= 0)
+    if rows.size:
+        where = ", ".join(f"sequence {i} at step {bad[i]}" for i in rows)
+        raise FloatingPointError(
+            f"the model produced NaN or Inf logits ({where}; step 0: the logits after the prompt, "
+            f"then one step per token fed) with {method!r}: its weights, activations "
+            f"or cached keys/values are not finite (a float16/bfloat16 overflow, or corrupt weights)"
+        )
+
+
 def _check_method(method: Any) -> None:
     if not isinstance(method, Method):
         raise TypeError(f"method must be a kvjax Method (Full(), ClusterKV(...), ...), got {method!r}")
@@ -419,9 +437,10 @@ def _decode_from(
         greedy=temperature == 0.0, out_size=max_new_tokens, mesh=mesh,
     )
     t0 = time.perf_counter()
-    out, count, steps, cache = decode_exe(*decode_args)
+    out, count, steps, bad, cache = decode_exe(*decode_args)
     out = np.asarray(out)
     decode_s = time.perf_counter() - t0
+    _check_finite(np.asarray(bad), method)
     counts = np.asarray(count)
     generated = [out[i, : counts[i]].tolist() for i in range(len(prompts))]
     texts = [tok.decode(g, skip_special_tokens=True) for g in generated]
