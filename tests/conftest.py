@@ -69,6 +69,16 @@ def tiny_lm():
     return Model(config=config, params=params, tokenizer=load_gguf_tokenizer(path), name="tiny")
 
 
+def with_nan_embedding(model, token: int):
+    """`model` whose input embedding of `token` is NaN (the output projection, untied, stays
+    finite): a sequence is fine until `token` is fed."""
+    import dataclasses
+
+    params = model.params
+    embed = params.embed.at[token].set(float("nan"))
+    return dataclasses.replace(model, params=params.replace(embed=embed, lm_head=params.embed.T))
+
+
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tiny_lm, tmp_path_factory):
     """A tiny random LLaVA-OneVision directory as `kvjax stream --model` takes it: weights

@@ -153,20 +153,13 @@ def test_generate_many_shares_one_prefill_and_equals_generate(tiny, monkeypatch)
         assert out.stats["device_kv_bytes"] == alone.stats["device_kv_bytes"]
 
 
-def _with_nan_embedding(model, token: int):
-    """`model` whose input embedding of `token` is NaN (the output projection, untied, stays
-    finite): a sequence is fine until `token` is fed."""
-    params = model.params
-    embed = params.embed.at[token].set(np.nan)
-    return dataclasses.replace(model, params=params.replace(embed=embed, lm_head=params.embed.T))
-
-
 @pytest.mark.parametrize("method_name", ["full", "streaming_llm", "quest", "clusterkv", "freekv"])
 def test_nan_logits_raise_naming_the_sequence_and_step(tiny, method_name):
     """A NaN key/value from the 3rd question token on: generate raises at that step for that
     sequence (greedy tokens from NaN logits would be a silent wrong answer); the other
     sequence and a clean run are unaffected."""
     from kvjax.methods import make_method
+    from tests.conftest import with_nan_embedding
 
     method = make_method(method_name, **{
         "full": {}, "streaming_llm": {"budget": 32}, "quest": {"budget": 32, "page_size": 8},
@@ -176,7 +169,7 @@ def test_nan_logits_raise_naming_the_sequence_and_step(tiny, method_name):
     question = " What is the special magic number?"
     q_ids = tiny.tokenizer(question, add_special_tokens=False)["input_ids"]
     contexts = [[t for t in _ids(60, 40 + i) if t != q_ids[2]] for i in range(2)]
-    poisoned = _with_nan_embedding(tiny, q_ids[2])
+    poisoned = with_nan_embedding(tiny, q_ids[2])
     clean = generate(poisoned, contexts, question=" Hello", max_new_tokens=3, method=method)
     assert clean.tokens == generate(tiny, contexts, question=" Hello", max_new_tokens=3, method=method).tokens
     with pytest.raises(FloatingPointError, match=r"NaN or Inf logits \(sequence 1 at step 3;"):

@@ -399,3 +399,17 @@ def test_rekv_bfloat16_host_frames_are_retrieved_exactly_without_converting_the_
     hlo = fn.lower(layer, state, jnp.asarray(q, jnp.float32)).compile().as_text()
     sizes = {math.prod(map(int, s.split(","))) for s in re.findall(r"f32\[([\d,]+)\]", hlo)}
     assert hkv * cap * d not in sizes
+
+
+def test_nan_logits_in_an_answer_raise(tiny_lm):
+    """A question token whose embedding is NaN: `ask` raises at the answer's first step
+    instead of answering from NaN logits."""
+    from tests.conftest import with_nan_embedding
+
+    lines = captions(4, seed=8)
+    in_stream = {t for line in lines for t in tiny_lm.tokenizer(line, add_special_tokens=False)["input_ids"]}
+    question = tiny_lm.tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    token = next(t for t in question if t not in in_stream)
+    s = session(with_nan_embedding(tiny_lm, token), FULL, lines)
+    with pytest.raises(FloatingPointError, match=r"\(sequence 0 at step 0;"):
+        s.ask(QUESTION, max_new_tokens=NEW)
