@@ -143,7 +143,7 @@ def decode(model, pre, method, question: list[int], max_new: int, shapes: Shapes
     import jax
     import jax.numpy as jnp
 
-    from kvjax.generation import _check_finite, _decode_jit, compiled
+    from kvjax.generation import _decode_jit, check_finite_logits, compiled
 
     width = shapes.width(len(question))
     forced = np.zeros((1, width), np.int32)
@@ -160,7 +160,7 @@ def decode(model, pre, method, question: list[int], max_new: int, shapes: Shapes
     out, count, steps, bad, _ = exe(*args)
     out = np.asarray(out)
     decode_s = time.perf_counter() - t0
-    _check_finite(np.asarray(bad), method)
+    check_finite_logits(np.asarray(bad), method)
     tokens = out[0, : int(np.asarray(count)[0])].tolist()
     return {"text": model.tokenizer.decode(tokens, skip_special_tokens=True), "decode_s": decode_s,
             "steps": int(steps), "compile_s": compile_s}

@@ -73,11 +73,6 @@ def time_forms(forms: dict[str, Callable[..., jax.Array]], args: tuple[jax.Array
     }
 
 
-def per_round_ratio(runs_ms: dict[str, list[float]], a: str, b: str) -> float:
-    """Median over rounds of `a`'s time / `b`'s time in the same round."""
-    return statistics.median(x / y for x, y in zip(runs_ms[a], runs_ms[b]))
-
-
 def add_timing_args(p: argparse.ArgumentParser) -> None:
     from bench.method_speed import at_least_one
 

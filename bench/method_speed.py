@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -200,12 +200,17 @@ def interleaved_runs(names: list[str], measure: Callable[[str], dict[str, Any]],
     return runs
 
 
+def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float | None:
+    """Median over rounds of numerator / denominator of the same round (None for no rounds)."""
+    ratios = [x / y for x, y in zip(numerators, denominators)]
+    return float(np.median(ratios)) if ratios else None
+
+
 def paired_ratio(runs: dict[str, list[dict[str, Any]]], a: str, b: str,
                  key: str = "decode_ms_per_token") -> float | None:
     """Median over rounds of `a`'s `key` / `b`'s `key` in the same round (None where either
     was not measured)."""
-    pairs = list(zip(runs.get(a, []), runs.get(b, [])))
-    return float(np.median([x[key] / y[key] for x, y in pairs])) if pairs else None
+    return median_ratio([x[key] for x in runs.get(a, [])], [y[key] for y in runs.get(b, [])])
 
 
 # Ratios of decode times in the table and the JSON (numerator, denominator), per round.

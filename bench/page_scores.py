@@ -25,8 +25,8 @@ import numpy as np
 
 import pallas_kernels as pk
 from bench import forms
-from bench.forms import per_round_ratio, time_forms
-from bench.method_speed import at_least_one
+from bench.forms import time_forms
+from bench.method_speed import at_least_one, median_ratio
 
 PAGES = (128, 256, 512, 1024, 2048)  # 4k / 32, ..., 32k / 16
 # (query heads, KV heads, head dimension) of the model shapes of bench/method_speed.py.
@@ -47,7 +47,7 @@ def measure(pages: int, rounds: int, reps: int, shape: str = "smollm2") -> dict[
     np.testing.assert_allclose(np.asarray(FORMS["matmul"](*args)), want, rtol=1e-5, atol=1e-4)
     timed = time_forms(FORMS, args, rounds, reps)
     return {"pages": pages, "shape": {"query_heads": query_heads, "kv_heads": kv_heads, "head_dim": head_dim},
-            **timed, "reference_over_matmul": per_round_ratio(timed["runs_ms"], "reference", "matmul")}
+            **timed, "reference_over_matmul": median_ratio(timed["runs_ms"]["reference"], timed["runs_ms"]["matmul"])}
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

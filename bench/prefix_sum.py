@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import forms
-from bench.forms import per_round_ratio, time_forms
+from bench.forms import time_forms
+from bench.method_speed import median_ratio
 
 # [B, heads, entries]: ClusterKV's candidates, clusters at 32k, budget slots + 1; FreeKV-sized rows.
 SHAPES = ((1, 9, 58), (1, 9, 420), (1, 9, 1009), (1, 9, 4099), (1, 3, 32768))
@@ -40,7 +41,7 @@ def measure(shape: tuple[int, ...], rounds: int, reps: int) -> dict[str, Any]:
         np.testing.assert_array_equal(fn(x), reference)
     timed = time_forms(FORMS, (x,), rounds, reps)
     return {"shape": list(shape), **timed,
-            "cumsum_over_scan": per_round_ratio(timed["runs_ms"], "cumsum", "associative_scan")}
+            "cumsum_over_scan": median_ratio(timed["runs_ms"]["cumsum"], timed["runs_ms"]["associative_scan"])}
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -306,7 +306,7 @@ def _check_generation_args(max_new_tokens: int, temperature: float, top_p: float
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _check_finite(bad: np.ndarray, method: Method) -> None:
+def check_finite_logits(bad: np.ndarray, method: Method) -> None:
     """Raise on logits that held a NaN or Inf (`bad`: the first such forward step per
     sequence, -1 for none): greedy or sampled tokens from them would be a silent wrong answer."""
     rows = np.flatnonzero(bad >= 0)
@@ -440,7 +440,7 @@ def _decode_from(
     out, count, steps, bad, cache = decode_exe(*decode_args)
     out = np.asarray(out)
     decode_s = time.perf_counter() - t0
-    _check_finite(np.asarray(bad), method)
+    check_finite_logits(np.asarray(bad), method)
     counts = np.asarray(count)
     generated = [out[i, : counts[i]].tolist() for i in range(len(prompts))]
     texts = [tok.decode(g, skip_special_tokens=True) for g in generated]

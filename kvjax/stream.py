@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 
 from kvjax import sharding
 from kvjax.cache import Cache, kv_bytes
-from kvjax.generation import _check_finite, _check_generation_args, _decode_jit, prompt_bucket
+from kvjax.generation import _check_generation_args, _decode_jit, check_finite_logits, prompt_bucket
 from kvjax.methods.livevlm import LiveVLM
 from kvjax.methods.stream_memory import StreamLayout, StreamMethod
 from kvjax.stream_forward import AnswerDecode, Executor, encode_clip, encode_init
@@ -310,7 +310,7 @@ class StreamSession:
         out, count, _, bad, _ = decode_exe(*decode_args)
         tokens = np.asarray(out)[0, : int(count[0])].tolist()
         decode_s = time.perf_counter() - t0
-        _check_finite(np.asarray(bad), self.method)
+        check_finite_logits(np.asarray(bad), self.method)
         stats = {**start.stats, "decode_s": decode_s, "generated_tokens": len(tokens),
                  "compile_s": start.stats["compile_s"] + self.compile_s - compile_before, **self.memory_stats()}
         return StreamAnswer(text=model.tokenizer.decode(tokens, skip_special_tokens=True), tokens=tokens,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import Cache
-from kvjax.generation import compiled, prefill
+from kvjax.generation import check_finite_logits, compiled, prefill
 from kvjax.methods import Method
 from models.bundle import Model
 from models.config import ModelConfig
@@ -75,7 +75,10 @@ def load_text_tokens(model: Model, path: str | Path, limit: int) -> list[int]:
 def perplexity(
     model: Model, tokens: list[int], method: Method, context_tokens: int, score_tokens: int
 ) -> PerplexityResult:
-    """Perplexity of tokens[context_tokens : context_tokens + score_tokens] under `method`."""
+    """Perplexity of tokens[context_tokens : context_tokens + score_tokens] under `method`.
+
+    Raises FloatingPointError naming the first scored token whose logits held a NaN or Inf
+    (a mean over them would be NaN, which compares as neither better nor worse than `Full`)."""
     if score_tokens < 1:
         raise ValueError(f"score_tokens must be >= 1, got {score_tokens}")
     if len(tokens) < context_tokens + score_tokens:
@@ -87,7 +90,10 @@ def perplexity(
     targets = jnp.asarray([tokens[context_tokens : context_tokens + score_tokens]], jnp.int32)
     args = (model.params, pre.cache, pre.first_logits, targets)
     exe, _ = compiled(_nll_jit, args, config=model.config, method=method)
-    nll = float(np.asarray(exe(*args)).mean())
+    per_token = np.asarray(exe(*args))  # [1, score_tokens]
+    finite = np.isfinite(per_token)
+    check_finite_logits(np.where(finite.all(axis=1), -1, np.argmin(finite, axis=1)), method)
+    nll = float(per_token.mean())
     return PerplexityResult(
         method=method.describe(),
         context_tokens=context_tokens,

@@ -52,6 +52,21 @@ def test_compressed_perplexity_differs_and_covering_budget_does_not(tiny_lm):
     assert abs(small - full) > 1e-3
 
 
+def test_perplexity_raises_naming_the_first_scored_token_with_nan_logits(tiny_lm):
+    """Feeding a token whose embedding is NaN makes every later logit NaN: perplexity raises
+    at the step that first scores from them instead of returning a NaN perplexity."""
+    from tests.conftest import with_nan_embedding
+
+    tokens = tiny_lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:240]
+    unused = next(t for t in range(1000, 49152) if t not in tokens)
+    poisoned = with_nan_embedding(tiny_lm, unused)
+    clean = ppl.perplexity(poisoned, tokens, Full(), 200, 40).nll
+    assert clean == pytest.approx(ppl.perplexity(tiny_lm, tokens, Full(), 200, 40).nll, abs=1e-6)
+    tokens[200 + 7] = unused  # scored at step 7, fed at step 8
+    with pytest.raises(FloatingPointError, match=r"NaN or Inf logits \(sequence 0 at step 8;"):
+        ppl.perplexity(poisoned, tokens, StreamingLLM(budget=64), 200, 40)
+
+
 def test_perplexity_rejects_bad_arguments(tiny_lm, tmp_path):
     with pytest.raises(ValueError, match="score_tokens must be >= 1"):
         ppl.perplexity(tiny_lm, [1] * 50, Full(), 20, 0)
