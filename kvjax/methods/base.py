@@ -41,8 +41,16 @@ class Method:
 
     name: ClassVar[str] = "method"
 
+    def __post_init__(self) -> None:
+        self.check_hyperparameters()
+
+    def check_hyperparameters(self) -> None:
+        """Raise ValueError naming the parameter when a hyperparameter is invalid on its own.
+        Runs on construction, so `ClusterKV(budget=-1)` fails where it is written."""
+
     def validate(self, spec: CacheSpec) -> None:
-        """Raise ValueError naming the parameter when the hyperparameters cannot work."""
+        """Raise ValueError naming the parameter when the hyperparameters cannot work with a
+        cache of this shape (the checks that need its sizes)."""
 
     def init_cache(self, layer: int, spec: CacheSpec) -> Any:
         raise NotImplementedError

@@ -129,8 +129,8 @@ class ClusterKV(SparseMethod):
 
     name = "clusterkv"
 
-    def validate(self, spec: CacheSpec) -> None:
-        super().validate(spec)
+    def check_hyperparameters(self) -> None:
+        super().check_hyperparameters()
         check_int("sink", self.sink, 0)
         check_int("budget", self.budget, self.sink + 1)
         check_int("tokens_per_cluster", self.tokens_per_cluster, 1)
@@ -142,10 +142,12 @@ class ClusterKV(SparseMethod):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if spec.capacity <= self.sink:
-            raise ValueError(f"sink={self.sink} must be smaller than the cache capacity {spec.capacity}")
         if not isinstance(self.offload, bool):
             raise ValueError(f"offload must be True or False, got {self.offload!r}")
+
+    def validate(self, spec: CacheSpec) -> None:
+        if spec.capacity <= self.sink:
+            raise ValueError(f"sink={self.sink} must be smaller than the cache capacity {spec.capacity}")
 
     # -- static sizes ------------------------------------------------------------------------
 

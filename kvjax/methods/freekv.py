@@ -140,8 +140,8 @@ class FreeKV(SparseMethod):
 
     name = "freekv"
 
-    def validate(self, spec: CacheSpec) -> None:
-        super().validate(spec)
+    def check_hyperparameters(self) -> None:
+        super().check_hyperparameters()
         check_int("page_size", self.page_size, 1)
         check_int("sink", self.sink, 0)
         check_int("recent", self.recent, self.page_size)

@@ -161,8 +161,8 @@ class LiveVLM(StreamMethod):
             )
         return m
 
-    def validate(self, layout: StreamLayout) -> None:
-        super().validate(layout)
+    def check_hyperparameters(self) -> None:
+        super().check_hyperparameters()
         if self.memory_tokens is not None:
             check_int("memory_tokens", self.memory_tokens, 1)
         check_int("bucket_size", self.bucket_size, 1)
@@ -174,6 +174,8 @@ class LiveVLM(StreamMethod):
             raise ValueError(f"sink_fraction must be in [0, 1], got {self.sink_fraction!r}")
         if not isinstance(self.retrieve_ratio, (int, float)) or not 0.0 < self.retrieve_ratio <= 1.0:
             raise ValueError(f"retrieve_ratio must be in (0, 1], got {self.retrieve_ratio!r}")
+
+    def validate(self, layout: StreamLayout) -> None:
         m = self.memory(layout)
         if m % self.bucket_size or m < 1:
             raise ValueError(f"memory_tokens={m} must be a multiple of bucket_size={self.bucket_size}")

@@ -41,8 +41,8 @@ class Quest(SparseMethod):
 
     name = "quest"
 
-    def validate(self, spec: CacheSpec) -> None:
-        super().validate(spec)
+    def check_hyperparameters(self) -> None:
+        super().check_hyperparameters()
         check_int("page_size", self.page_size, 1)
         check_int("budget", self.budget, 2 * self.page_size)
 

@@ -30,8 +30,8 @@ class ReKV(StreamMethod):
     name = "rekv"
     offloaded = True
 
-    def validate(self, layout: StreamLayout) -> None:
-        super().validate(layout)
+    def check_hyperparameters(self) -> None:
+        super().check_hyperparameters()
         check_int("retrieve_frames", self.retrieve_frames, 1)
 
     def frame_capacity(self, needed: int) -> int:

@@ -24,7 +24,7 @@ class SparseMethod(Method):
     dense_layers: int = 2
     impl: str = "xla"
 
-    def validate(self, spec: CacheSpec) -> None:
+    def check_hyperparameters(self) -> None:
         check_int("dense_layers", self.dense_layers, 0)
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")

@@ -103,12 +103,22 @@ class StreamMethod:
     needs_scores: ClassVar[bool] = False  # `store` wants attention scores of the clip's last queries
     offloaded: ClassVar[bool] = False  # long-term K/V live in host memory
 
-    # --- sizes -------------------------------------------------------------------------------
+    # --- checks ------------------------------------------------------------------------------
 
-    def validate(self, layout: StreamLayout) -> None:
-        """Raise ValueError naming the parameter when the hyperparameters cannot work."""
+    def __post_init__(self) -> None:
+        self.check_hyperparameters()
+
+    def check_hyperparameters(self) -> None:
+        """Raise ValueError naming the parameter when a hyperparameter is invalid on its own.
+        Runs on construction, so `LiveVLM(short_frames=0)` fails where it is written."""
         check_int("short_frames", self.short_frames, 1)
         check_int("clip_frames", self.clip_frames, 1)
+
+    def validate(self, layout: StreamLayout) -> None:
+        """Raise ValueError naming the parameter when the hyperparameters cannot work with
+        this stream layout (the checks that need its sizes)."""
+
+    # --- sizes -------------------------------------------------------------------------------
 
     def short_capacity(self, layout: StreamLayout) -> int:
         return self.short_frames * layout.frame_tokens

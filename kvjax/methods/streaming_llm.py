@@ -34,7 +34,7 @@ class StreamingLLM(Method):
 
     name = "streaming_llm"
 
-    def validate(self, spec: CacheSpec) -> None:
+    def check_hyperparameters(self) -> None:
         check_int("sink", self.sink, 0)
         check_int("budget", self.budget, self.sink + 1)
 

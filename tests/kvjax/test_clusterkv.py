@@ -346,4 +346,9 @@ def test_covering_budget_equals_full():
 )
 def test_rejects_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        init_cache(ClusterKV(**kwargs), spec(1, 128))
+        ClusterKV(**kwargs)  # on construction, before any cache exists
+
+
+def test_rejects_sinks_that_fill_the_cache():
+    with pytest.raises(ValueError, match="sink=128 must be smaller than the cache capacity 128"):
+        init_cache(ClusterKV(sink=128), spec(1, 128))

@@ -24,7 +24,7 @@ from kvjax import Cache, CacheSpec, ClusterKV, init_cache, kv_bytes
 from kvjax.generation import COMPILE_COUNTS, generate_many, prefill
 from kvjax.methods import clusterkv as clusterkv_module
 from kvjax.methods.clusterkv import ClusterLayerCache
-from tests.kvjax.method_harness import HKV, HQ, D, run_method, spec
+from tests.kvjax.method_harness import HKV, HQ, D, run_method
 from tests.kvjax.test_sparse_exactness import forced_logits
 
 
@@ -190,7 +190,7 @@ def test_offload_with_pallas_kernels_equals_xla():
 
 def test_rejects_a_non_boolean_offload():
     with pytest.raises(ValueError, match="offload must be True or False"):
-        init_cache(ClusterKV(offload="yes"), spec(1, 128))
+        ClusterKV(offload="yes")
 
 
 def test_cli_offload_flag():

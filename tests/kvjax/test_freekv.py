@@ -196,7 +196,7 @@ def test_make_method_and_defaults():
 )
 def test_rejects_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        init_cache(FreeKV(**kwargs), spec(1, 128))
+        FreeKV(**kwargs)  # on construction, before any cache exists
 
 
 def test_generate_reports_the_correction_rate(tiny_lm):

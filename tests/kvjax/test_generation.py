@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from kvjax import Full, StreamingLLM, generate
+from kvjax import ClusterKV, Full, StreamingLLM, generate
 from kvjax.generation import COMPILE_COUNTS, prompt_bucket
 
 VOCAB = 49152  # SmolLM2's, shared by the tiny model
@@ -118,7 +118,7 @@ def test_stats_report_kv_bytes(tiny):
         ({"temperature": -1.0}, ValueError, "temperature must be >= 0"),
         ({"top_p": 0.0}, ValueError, "top_p must be in"),
         ({"method": "full"}, TypeError, "method must be a kvjax Method"),
-        ({"method": StreamingLLM(budget=2, sink=4)}, ValueError, "budget must be an integer >= 5"),
+        ({"method": ClusterKV(budget=1024, sink=600)}, ValueError, "sink=600 must be smaller than the cache capacity"),
         ({"max_new_tokens": 500}, ValueError, "exceeds the model's trained context of 512"),
         ({"question": ["a", "b"]}, ValueError, "2 questions for a batch of 1"),
     ],

@@ -123,7 +123,7 @@ def test_streaming_llm_covering_budget_equals_full():
 )
 def test_streaming_llm_rejects_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        init_cache(StreamingLLM(**kwargs), spec(1, 128))
+        StreamingLLM(**kwargs)  # on construction, before any cache exists
 
 
 def test_make_method_builds_and_rejects():
@@ -133,6 +133,8 @@ def test_make_method_builds_and_rejects():
         make_method("nope")
     with pytest.raises(ValueError, match="not \\['window'\\]"):
         make_method("streaming_llm", window=3)
+    with pytest.raises(ValueError, match="budget must be an integer >= 5, got 3"):
+        make_method("streaming_llm", budget=3)
 
 
 def test_methods_are_hashable_static_arguments():

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax import Full, init_cache
+from kvjax import Full
 from kvjax.methods.quest import Quest
 from kvjax.pages import add_token, prompt_digests
-from tests.kvjax.method_harness import HKV, HQ, D, check_prefill, check_steps_per_head, run_method, spec
+from tests.kvjax.method_harness import HKV, HQ, D, check_prefill, check_steps_per_head, run_method
 
 G = HQ // HKV
 
@@ -83,4 +83,4 @@ def test_covering_budget_equals_full():
 )
 def test_rejects_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        init_cache(Quest(**kwargs), spec(1, 128))
+        Quest(**kwargs)  # on construction, before any cache exists
