@@ -7,7 +7,8 @@ Llama-3-8B's, 32 layers, 32 / 8 heads, d=128, for GPUs) with random weights and
 running a 32k-token prefill (about 15 minutes on 2 CPU cores), then each method's cache is
 built from it with `kvjax.generation.convert` (for ClusterKV: the K-means clustering, timed)
 and `decode_steps` greedy tokens are decoded by the jitted loop. Clustering is reported as a
-share of a real dense prefill, measured at the lengths listed in `--prefill-lengths`.
+share of a real dense prefill, measured at the lengths listed in `--prefill-lengths` right
+after each ClusterKV run (the median of the per-round shares).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def time_decode(model, method, context: int, steps: int, seed: int, pre=None) ->
     call is 10-40% slower than the next ones on CPU (one-time runtime set-up, measured at
     32k tokens for every method), which is not decode speed. The method's cache is built twice
     (the warm-up's, then the timed one), so the index build is timed warm too, as
-    `time_prefill` times warm prefills.
+    `prefill_timer` times warm prefills.
     """
     from kvjax import Full
     from kvjax.generation import _decode_from, convert
@@ -148,15 +149,26 @@ def copy_prefill(pre):
     return dataclasses.replace(pre, cache=jax.tree.map(jnp.copy, pre.cache))
 
 
-def time_prefill(model, length: int, repeats: int = 1) -> float:
-    """Seconds of a real dense prefill of `length` random token ids (compilation excluded;
-    the median of `repeats` runs)."""
+def prefill_timer(model, length: int) -> Callable[[], float]:
+    """A function timing one real dense prefill of `length` random token ids, in seconds
+    (compiled here, so that no call includes compilation)."""
     from kvjax import Full
     from kvjax.generation import prefill
 
     ids = np.random.default_rng(0).integers(100, 40000, size=length).tolist()
     prefill(model, [ids], Full(), extra_tokens=1)  # compile
-    return float(np.median([prefill(model, [ids], Full(), extra_tokens=1).prefill_s for _ in range(repeats)]))
+    return lambda: prefill(model, [ids], Full(), extra_tokens=1).prefill_s
+
+
+def with_dense_prefill(measure: Callable[[str], dict[str, Any]], name: str,
+                       time_dense_prefill: Callable[[], float]) -> Callable[[str], dict[str, Any]]:
+    """`measure`, timing a dense prefill (`dense_prefill_s`) right after each run of `name`:
+    the clustering share then compares times of the same round."""
+    def measure_with(n: str) -> dict[str, Any]:
+        res = measure(n)
+        return {**res, "dense_prefill_s": time_dense_prefill()} if n == name else res
+
+    return measure_with
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -164,8 +176,9 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     is shared: single runs differ by up to 2x) and every run's decode time, everything else
     from the first run."""
     res = dict(runs[0])
-    for key in ("decode_ms_per_token", "index_build_s"):
-        res[key] = float(np.median([r[key] for r in runs]))
+    for key in ("decode_ms_per_token", "index_build_s", "dense_prefill_s"):
+        if key in res:
+            res[key] = float(np.median([r[key] for r in runs]))
     res["decode_ms_per_token_runs"] = [r["decode_ms_per_token"] for r in runs]
     res["repeats"] = len(runs)
     return res
@@ -305,7 +318,8 @@ def main(argv=None) -> int:
                 "cache_contents": "random normal keys/values (no real prefill); see module docstring",
                 "pallas_on_cpu": "interpret mode", "pallas_max_context": args.pallas_max_context,
                 "repeats": args.repeats,
-                "repeat_order": "interleaved rounds (`interleaved_runs`); ratios are medians of per-round ratios"}
+                "repeat_order": "interleaved rounds (`interleaved_runs`); ratios are medians of per-round ratios",
+                "clustering_share": "index build / a dense prefill timed right after it, median over rounds"}
     save = lambda: save_result(output, "method_speed", env, settings, rows)
 
     rows = []
@@ -317,14 +331,19 @@ def main(argv=None) -> int:
 
         done = record_runs(row, save, lambda res: f"{res['decode_ms_per_token']:.1f} ms/token, index "
                            f"{res['index_build_s']:.2f} s, device KV {res['device_kv_bytes'] / 2**20:.0f} MiB")
-        runs = interleaved_runs(names, lambda n: time_decode(model, all_methods[n], context, args.steps, seed=context),
-                                args.repeats, done)
+        measure = lambda n: time_decode(model, all_methods[n], context, args.steps, seed=context)
+        share = context in args.prefill_lengths and "clusterkv_xla" in names
+        if share:
+            measure = with_dense_prefill(measure, "clusterkv_xla", prefill_timer(model, context))
+        runs = interleaved_runs(names, measure, args.repeats, done)
         row["paired_ratios"] = {k: paired_ratio(runs, a, b) for k, (a, b) in PAIRED_RATIOS.items()}
-        if context in args.prefill_lengths and "clusterkv_xla" in row["methods"]:
-            row["dense_prefill_s"] = time_prefill(model, context, args.repeats)
-            row["clustering_share_of_prefill"] = row["methods"]["clusterkv_xla"]["index_build_s"] / row["dense_prefill_s"]
+        if share:
+            row["dense_prefill_s"] = row["methods"]["clusterkv_xla"]["dense_prefill_s"]
+            clustering = runs["clusterkv_xla"]
+            row["clustering_share_of_prefill"] = median_ratio([r["index_build_s"] for r in clustering],
+                                                              [r["dense_prefill_s"] for r in clustering])
             log(f"{context:>6} dense prefill {row['dense_prefill_s']:.1f} s, clustering share "
-                f"{100 * row['clustering_share_of_prefill']:.1f}%")
+                f"{100 * row['clustering_share_of_prefill']:.1f}% (per round)")
         save()
     log(f"# wrote {output}")
     print(markdown_table(rows))

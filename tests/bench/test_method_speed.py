@@ -43,6 +43,26 @@ def test_interleaved_runs_time_every_method_once_per_round_in_rotated_order():
         "a": [1.0, 6.0, 8.0], "b": [2.0, 4.0, 9.0], "c": [3.0, 5.0, 7.0]}
 
 
+def test_dense_prefill_is_timed_right_after_each_clusterkv_run():
+    """The clustering share pairs each index build with a dense prefill of the same round."""
+    calls = []
+
+    def measure(name):
+        calls.append(name)
+        return {"decode_ms_per_token": 1.0, "index_build_s": float(len(calls))}
+
+    def prefill():
+        calls.append("prefill")
+        return 10.0 * len(calls)
+
+    runs = method_speed.interleaved_runs(["full", "clusterkv_xla"],
+                                         method_speed.with_dense_prefill(measure, "clusterkv_xla", prefill), 2)
+    assert calls == ["full", "clusterkv_xla", "prefill", "clusterkv_xla", "prefill", "full"]
+    assert [(r["index_build_s"], r["dense_prefill_s"]) for r in runs["clusterkv_xla"]] == [(2.0, 30.0), (4.0, 50.0)]
+    assert "dense_prefill_s" not in runs["full"][0]
+    assert method_speed.median_run(runs["clusterkv_xla"])["dense_prefill_s"] == 40.0
+
+
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     # Round 2 ran in a slow spell for both: the ratio of medians (20 / 20) would hide that
     # `a` takes twice as long as `b` in every other round.
