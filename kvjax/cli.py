@@ -132,8 +132,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompts = args.prompt
     mesh = _mesh_from_args(args.mesh, len(prompts))
+    method = _method_from_args(args.method, args)  # bad hyperparameters fail before the model loads
     model = _load_model(args)
-    method = _method_from_args(args.method, args)
     if args.chat:
         prompts = [chat_prompt(model.tokenizer, p) for p in prompts]
     print(f"generating with {method} ...", file=sys.stderr, flush=True)
@@ -160,8 +160,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kvjax.eval import runner
     from kvjax.eval.tasks import ContextTooShortError, default_haystack_path
 
-    model = _load_model(args)
     methods = [_method_from_args(m, args, strict=len(args.methods) == 1) for m in args.methods]
+    model = _load_model(args)
     if args.task == "perplexity":
         text = args.text or default_haystack_path()
         if text is None:

@@ -55,11 +55,14 @@ def test_generate_json(capsys):
     assert result["stats"]["method"] == {"method": "full"}
 
 
-@pytest.mark.slow
-@needs_model
-def test_generate_rejects_a_bad_budget(capsys):
-    assert main(["generate", "--prompt", "hi", "--method", "streaming_llm", "--budget", "3"]) == 2
-    assert "budget must be an integer >= 5" in capsys.readouterr().err
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi", "--method", "streaming_llm"],
+                                     ["eval", "passkey", "--methods", "streaming_llm"]])
+def test_a_bad_budget_is_rejected_before_the_model_loads(command, capsys):
+    """The method is built (and its hyperparameters checked) first: a model path that does
+    not exist is never reached."""
+    assert main([*command, "--budget", "3", "--model", "/nonexistent/model.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "budget must be an integer >= 5, got 3" in err and "loading" not in err
 
 
 @pytest.mark.slow
