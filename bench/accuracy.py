@@ -91,6 +91,15 @@ def build_method(name: str, budget: int | None):
     return make_method(name) if budget is None else make_method(name, budget=budget)
 
 
+def describe_method(name: str, budget: int | None) -> dict[str, Any]:
+    """The method's hyperparameters for the settings, or why they are invalid (methods check
+    them on construction: FreeKV and Quest need a minimum budget)."""
+    try:
+        return build_method(name, budget).describe()
+    except (ValueError, TypeError) as e:
+        return {"method": name, "budget": budget, "invalid": f"{type(e).__name__}: {e}"}
+
+
 def check_methods(grid, spec) -> tuple[dict[str, Any], dict[str, str]]:
     """Build and validate every (name, budget) against a cache spec: (valid methods, invalid reasons)."""
     valid, invalid = {}, {}
@@ -331,7 +340,7 @@ def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
     payload["settings"] = {
         **protocol, "tasks": list(args.tasks), "lengths": list(args.lengths),
         "seeds_per_length": dict(zip(map(str, args.lengths), seeds)), "budgets": list(args.budgets),
-        "methods": {label(n, b): build_method(n, b).describe() for n, b in grid},
+        "methods": {label(n, b): describe_method(n, b) for n, b in grid},
         "ppl_lengths": list(args.ppl_lengths), "ppl_budgets": list(args.ppl_budgets),
         "protocol": "one dense prefill per sample; each method's cache derived from it "
                     "(kvjax.generation.convert); question fed token by token; greedy decoding",

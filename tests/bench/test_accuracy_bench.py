@@ -3,6 +3,7 @@ real SmolLM2 answering a short passkey through the benchmark's shared-prefill pa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -44,6 +45,8 @@ def test_json_schema_and_invalid_budgets(tiny_run):
     invalid = {(e["length"], e["method"]): e["reason"] for e in saved["invalid"]}
     assert set(invalid) == {(256, "quest/16"), (256, "clusterkv/16")}
     assert "budget" in invalid[(256, "quest/16")] and "budget" in invalid[(256, "clusterkv/16")]
+    assert "budget must be" in saved["settings"]["methods"]["quest/16"]["invalid"]
+    assert saved["settings"]["methods"]["quest/64"] == {"method": "quest", **dataclasses.asdict(Quest(budget=64))}
     runs = ["full", "streaming_llm/16", "streaming_llm/64", "quest/64", "clusterkv/64"]
     assert len(saved["samples"]) == 4  # 2 tasks x 2 seeds
     for s in saved["samples"]:
