@@ -19,11 +19,22 @@ offload copies per device, from each device's own shard).
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 
-# Before jax starts: 8 CPU devices whatever the machine, and XLA's CPU loop emitters, which
-# compile these small programs about twice as fast as its fusion emitters.
+
+def cpu_xla_flags(devices: int) -> str:
+    """XLA_FLAGS for `devices` CPU devices (set before jax starts), with XLA's CPU loop
+    emitters, which compile these small programs about twice as fast as its fusion emitters,
+    where the installed XLA still has them: jaxlib 0.11 aborts on the flag (checked with
+    0.11.2, the GPU machine's)."""
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    major, minor = (int(x) for x in version("jaxlib").split(".")[:2])
+    return flags + " --xla_cpu_use_fusion_emitters=false" if (major, minor) < (0, 11) else flags
+
+
+# Before jax starts: 8 CPU devices whatever the machine.
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = cpu_xla_flags(8)
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402

@@ -19,7 +19,7 @@ import sys
 # process can still be asked for.
 from tests.kvjax import mesh_parity, mesh_vision
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = mesh_parity.cpu_xla_flags(2)
 
 import json  # noqa: E402
 
