@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import numbers
 import time
 from typing import Any, Sequence
 
@@ -242,8 +243,7 @@ def prefill(model: Model, prompts: Sequence[Sequence[int]], method: Method, extr
     With `mesh`, `model`'s parameters should already be on it (`kvjax.sharding.shard_model`).
     """
     config = model.config
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every context must hold at least one token")
+    check_token_ids("context", prompts, config.vocab_size)
     sharding.check_batch(mesh, len(prompts))
     lengths = np.array([len(p) for p in prompts])
     needed = int(lengths.max()) + extra_tokens
@@ -319,6 +319,25 @@ def check_finite_logits(bad: np.ndarray, method: Method) -> None:
         )
 
 
+def check_token_ids(name: str, sequences: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """Raise unless `sequences` is a non-empty batch of non-empty integer token id lists,
+    every id in [0, vocab_size): the embedding lookup would silently clamp a wrong id."""
+    if len(sequences) == 0:
+        raise ValueError(f"{name} is empty: give a string, token ids, or a non-empty batch of either")
+    for i, seq in enumerate(sequences):
+        which = f"{name} {i}" if len(sequences) > 1 else name
+        ids = np.asarray(seq)
+        if ids.size == 0:
+            raise ValueError(f"{which} holds no tokens: at least one is needed")
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"{which} must be a string or a flat list of integer token ids, "
+                            f"got an array of shape {ids.shape} and dtype {ids.dtype}")
+        bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+        if bad.size:
+            raise ValueError(f"{which}: token id {ids[bad[0]]} at position {bad[0]} is outside the "
+                             f"model's vocabulary [0, {vocab_size})")
+
+
 def _check_method(method: Any) -> None:
     if not isinstance(method, Method):
         raise TypeError(f"method must be a kvjax Method (Full(), ClusterKV(...), ...), got {method!r}")
@@ -327,13 +346,18 @@ def _check_method(method: Any) -> None:
 def _tokenize(tok, context, question) -> tuple[bool, list[list[int]], list[list[int]]]:
     """(batched, prompt ids, question ids) from generate's `context` and `question`."""
     batched = not isinstance(context, str) and not (
-        len(context) > 0 and isinstance(context[0], (int, np.integer))
+        len(context) > 0 and isinstance(context[0], (numbers.Number, np.number))
     )
     contexts = list(context) if batched else [context]
-    prompts = [list(c) if not isinstance(c, str) else _encode(tok, c, True) for c in contexts]
+    if not contexts:
+        raise ValueError("context is empty: give a string, token ids, or a non-empty batch of either")
+    prompts = [_encode(tok, c, True) if isinstance(c, str) else list(c) if np.ndim(c) == 1 else c
+               for c in contexts]  # anything else fails `check_token_ids` in `prefill`
     if question is None:
         return batched, prompts, [[] for _ in prompts]
-    qs = [question] * len(prompts) if isinstance(question, str) else list(question)
+    qs = [question] * len(prompts) if isinstance(question, str) else question
+    if not isinstance(qs, (list, tuple)) or not all(isinstance(q, str) for q in qs):
+        raise TypeError(f"question must be a string or a list of strings (one per context), got {question!r:.80}")
     if len(qs) != len(prompts):
         raise ValueError(f"got {len(qs)} questions for a batch of {len(prompts)} contexts")
     return batched, prompts, [_encode(tok, q, False) for q in qs]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import Cache
-from kvjax.generation import check_finite_logits, compiled, prefill
+from kvjax.generation import check_finite_logits, check_token_ids, compiled, prefill
 from kvjax.methods import Method
 from models.bundle import Model
 from models.config import ModelConfig
@@ -79,6 +79,7 @@ def perplexity(
 
     Raises FloatingPointError naming the first scored token whose logits held a NaN or Inf
     (a mean over them would be NaN, which compares as neither better nor worse than `Full`)."""
+    check_token_ids("tokens", [tokens], model.config.vocab_size)
     if score_tokens < 1:
         raise ValueError(f"score_tokens must be >= 1, got {score_tokens}")
     if len(tokens) < context_tokens + score_tokens:

@@ -72,6 +72,8 @@ def test_perplexity_rejects_bad_arguments(tiny_lm, tmp_path):
         ppl.perplexity(tiny_lm, [1] * 50, Full(), 20, 0)
     with pytest.raises(ValueError, match="need 70 tokens"):
         ppl.perplexity(tiny_lm, [1] * 50, Full(), 20, 50)
+    with pytest.raises(ValueError, match=r"tokens: token id 49152 at position 30 is outside the model's vocabulary \[0, 49152\)"):
+        ppl.perplexity(tiny_lm, [1] * 30 + [49152] + [1] * 19, Full(), 20, 20)  # a scored token
     with pytest.raises(FileNotFoundError, match="text file not found"):
         ppl.load_text_tokens(tiny_lm, tmp_path / "missing.txt", 10)
     short = tmp_path / "short.txt"

@@ -121,6 +121,8 @@ def test_stats_report_kv_bytes(tiny):
         ({"method": ClusterKV(budget=1024, sink=600)}, ValueError, "sink=600 must be smaller than the cache capacity"),
         ({"max_new_tokens": 500}, ValueError, "exceeds the model's trained context of 512"),
         ({"question": ["a", "b"]}, ValueError, "2 questions for a batch of 1"),
+        ({"question": [1, 2]}, TypeError, r"question must be a string or a list of strings \(one per context\), got \[1, 2\]"),
+        ({"question": 7}, TypeError, "question must be a string"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(tiny, kwargs, error, match):
@@ -128,9 +130,33 @@ def test_bad_arguments_raise_clear_errors(tiny, kwargs, error, match):
         generate(tiny, _ids(20, 0), **kwargs)
 
 
-def test_empty_context_is_rejected(tiny):
-    with pytest.raises(ValueError, match="at least one token"):
-        generate(tiny, [[1, 2], []])
+@pytest.mark.parametrize(
+    "context,error,match",
+    [
+        ([[1, 2], []], ValueError, "context 1 holds no tokens"),
+        ("", ValueError, "context holds no tokens"),
+        ([], ValueError, "context is empty"),
+        ([5, -1], ValueError, r"context: token id -1 at position 1 is outside the model's vocabulary \[0, 49152\)"),
+        ([[1, 2], [3, 4, 49152]], ValueError, "context 1: token id 49152 at position 2 is outside"),
+        (np.array([1.0, 2.0]), TypeError, "context must be a string or a flat list of integer token ids, "
+                                          r"got an array of shape \(2,\) and dtype float64"),
+        ([[1, 2], 3], TypeError, r"context 1 must be a string or a flat list .* shape \(\)"),
+        ([np.ones((2, 3), np.int32)], TypeError, r"shape \(2, 3\)"),
+    ],
+)
+def test_bad_contexts_raise_naming_the_context(tiny, context, error, match):
+    """An empty context, a non-integer one, or a token id outside the vocabulary (which the
+    embedding lookup would clamp into a silent wrong answer) is refused before any compile."""
+    with pytest.raises(error, match=match):
+        generate(tiny, context, max_new_tokens=2)
+
+
+def test_token_id_arrays_are_contexts(tiny):
+    """A 1-D integer array is one context and a 2-D one a batch, like the lists they hold."""
+    ids = np.asarray(_ids(20, 0), np.int32)
+    assert generate(tiny, ids, max_new_tokens=3).tokens == generate(tiny, list(ids), max_new_tokens=3).tokens
+    batch = np.stack([ids, ids[::-1]])
+    assert generate(tiny, batch, max_new_tokens=3).tokens == generate(tiny, [list(r) for r in batch], max_new_tokens=3).tokens
 
 
 def test_generate_many_shares_one_prefill_and_equals_generate(tiny, monkeypatch):
