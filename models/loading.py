@@ -162,6 +162,7 @@ def load(name_or_path: str | Path, dtype: jnp.dtype = jnp.float32, cache: bool =
     Params are cast to `dtype`. With `cache=True` a converted copy is kept under
     `$KVJAX_CACHE_DIR` (default `~/.cache/kvjax`) and reused while the source is unchanged.
     """
+    dtype = _weight_dtype(dtype)
     if is_llava_onevision(name_or_path):
         return load_vision_model(name_or_path, dtype)
     source, convert, load_tokenizer = _resolve(name_or_path)
@@ -176,3 +177,14 @@ def load(name_or_path: str | Path, dtype: jnp.dtype = jnp.float32, cache: bool =
         if entry is not None:
             _write_cache(entry, config, params, tokenizer)
     return Model(config=config, params=params, tokenizer=tokenizer, name=name)
+
+
+def _weight_dtype(dtype: Any) -> jnp.dtype:
+    """`dtype` as a floating-point dtype, or an error naming the argument."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
+        raise TypeError(f"dtype must be a floating-point dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+    return resolved

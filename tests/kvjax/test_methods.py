@@ -142,3 +142,21 @@ def test_methods_are_hashable_static_arguments():
     assert hash(StreamingLLM(budget=32)) == hash(StreamingLLM(budget=32))
     assert StreamingLLM(budget=32) != StreamingLLM(budget=33)
     assert StreamingLLM(budget=32).describe() == {"method": "streaming_llm", "budget": 32, "sink": 4}
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"batch": 0}, ValueError, r"CacheSpec.batch must be an integer >= 1, got 0"),
+    ({"head_dim": 8.0}, ValueError, r"CacheSpec.head_dim must be an integer >= 1, got 8.0"),
+    ({"num_heads": 4, "num_kv_heads": 3}, ValueError, r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
+    ({"prompt_capacity": 40}, ValueError, r"prompt_capacity must be None or an integer in \[1, capacity=32\], got 40"),
+    ({"dtype": jnp.int32}, TypeError, "CacheSpec.dtype must be a floating-point dtype"),
+])
+def test_cache_spec_rejects_impossible_sizes(kwargs, error, match):
+    """A spec written by hand (a model brought to kvjax) fails where it is written, naming the
+    field, not as a shape error inside a method's jitted step."""
+    from kvjax.cache import CacheSpec
+
+    sizes = dict(batch=1, capacity=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    CacheSpec(**sizes, dtype=jnp.bfloat16, prompt_capacity=np.int64(16))  # numpy integers are fine
+    with pytest.raises(error, match=match):
+        CacheSpec(**{**sizes, **kwargs})

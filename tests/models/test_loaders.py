@@ -566,6 +566,14 @@ def test_unknown_model_name(tmp_path, monkeypatch):
         models.load("llama-7b-nope")
 
 
+@pytest.mark.parametrize("dtype", ["float8", jnp.int8, "not-a-dtype"])
+def test_load_rejects_a_dtype_weights_cannot_have(dtype, monkeypatch):
+    """Refused before any file is read (the loaders are not reached)."""
+    monkeypatch.setattr(loading, "_resolve", lambda *_: pytest.fail("the model was resolved"))
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point dtype such as 'float32' or 'bfloat16', got"):
+        models.load("smollm2", dtype=dtype)
+
+
 def test_embedded_model_missing_package(monkeypatch):
     monkeypatch.setattr(loading, "EMBEDDED_PACKAGE", "kvjax_test_no_such_package")
     for call in (loading.embedded_model_path, lambda: models.load("SmolLM2")):
