@@ -120,7 +120,7 @@ def _mesh_from_args(spec: str | None, batch: int):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from kvjax.generation import chat_prompt, generate
+    from kvjax.generation import chat_prompt, check_generation_args, generate
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise SystemExit("give exactly one of --prompt or --prompt-file")
@@ -132,7 +132,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompts = args.prompt
     mesh = _mesh_from_args(args.mesh, len(prompts))
-    method = _method_from_args(args.method, args)  # bad hyperparameters fail before the model loads
+    method = _method_from_args(args.method, args)  # bad arguments fail before the model loads
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_p)
     model = _load_model(args)
     if args.chat:
         prompts = [chat_prompt(model.tokenizer, p) for p in prompts]
@@ -308,6 +309,7 @@ def _print_answer(live, as_json: bool) -> None:
 def cmd_stream(args: argparse.Namespace) -> int:
     """Stream a video into a LLaVA-OneVision `StreamSession`; answer questions with time to
     first token, after the video (`--ask`) or from stdin while it plays (`--interactive`)."""
+    from kvjax.generation import check_generation_args
     from kvjax.live import LiveAnswer, play
     from kvjax.stream import StreamSession
 
@@ -316,6 +318,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     if not args.ask and not args.interactive:
         raise SystemExit("give --ask QUESTION (one or more) or --interactive (questions from stdin)")
     method = _stream_method(args)
+    check_generation_args(args.max_new_tokens, 0.0, 1.0)  # before the model loads
     session = StreamSession(_load_vision_model(args.model), method)
     ask = dict(max_new_tokens=args.max_new_tokens, answer_prefix=args.answer_prefix)
     video = dict(fps=args.fps, max_frames=args.max_frames)

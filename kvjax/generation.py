@@ -297,7 +297,8 @@ def convert(pre: Prefilled, method: Method) -> Prefilled:
     )
 
 
-def _check_generation_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
+def check_generation_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Raise on sampling arguments `generate` cannot use (the CLI checks before loading a model)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if temperature < 0:
@@ -383,7 +384,7 @@ def generate(
     """
     method = Full() if method is None else method
     _check_method(method)
-    _check_generation_args(max_new_tokens, temperature, top_p)
+    check_generation_args(max_new_tokens, temperature, top_p)
     batched, prompts, questions = _tokenize(model.tokenizer, context, question)
     model = _on_mesh(model, mesh)
     pre = prefill(model, prompts, method, extra_tokens=max(len(q) for q in questions) + max_new_tokens, mesh=mesh)
@@ -408,7 +409,7 @@ def generate_many(
     """
     for method in methods:
         _check_method(method)
-    _check_generation_args(max_new_tokens, temperature, top_p)
+    check_generation_args(max_new_tokens, temperature, top_p)
     batched, prompts, questions = _tokenize(model.tokenizer, context, question)
     model = _on_mesh(model, mesh)
     dense = prefill(model, prompts, Full(), extra_tokens=max(len(q) for q in questions) + max_new_tokens, mesh=mesh)

@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 
 from kvjax import sharding
 from kvjax.cache import Cache, kv_bytes
-from kvjax.generation import _check_generation_args, _decode_jit, check_finite_logits, prompt_bucket
+from kvjax.generation import check_generation_args, _decode_jit, check_finite_logits, prompt_bucket
 from kvjax.methods.livevlm import LiveVLM
 from kvjax.methods.stream_memory import StreamLayout, StreamMethod
 from kvjax.stream_forward import AnswerDecode, Executor, encode_clip, encode_init
@@ -251,7 +251,7 @@ class StreamSession:
             raise ValueError(f"question must be a non-empty string, got {question!r}")
         if answer_prefix is not None and not isinstance(answer_prefix, str):
             raise TypeError(f"answer_prefix must be a string or None, got {type(answer_prefix).__name__}")
-        _check_generation_args(max_new_tokens, 0.0, 1.0)
+        check_generation_args(max_new_tokens, 0.0, 1.0)
         config = self.model.config
         t0 = time.perf_counter()
         self.flush()
@@ -295,7 +295,7 @@ class StreamSession:
         `answer_prefix` is fed after the rendered question, before generation. `ttft_s` covers
         retrieval, the question prefill and the first token (`first_token`).
         """
-        _check_generation_args(max_new_tokens, temperature, top_p)
+        check_generation_args(max_new_tokens, temperature, top_p)
         start = self.first_token(question, answer_prefix, max_new_tokens)
         model = self.model
         decode_args = (

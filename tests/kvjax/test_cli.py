@@ -65,6 +65,26 @@ def test_a_bad_budget_is_rejected_before_the_model_loads(command, capsys):
     assert "budget must be an integer >= 5, got 3" in err and "loading" not in err
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
+    (["--temperature", "-1"], "temperature must be >= 0, got -1.0"),
+    (["--top-p", "1.5"], r"top_p must be in (0, 1], got 1.5"),
+])
+def test_bad_sampling_flags_are_rejected_before_the_model_loads(flags, message, capsys):
+    assert main(["generate", "--prompt", "hi", *flags, "--model", "/nonexistent/model.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "loading" not in err
+
+
+def test_stream_rejects_max_new_tokens_before_the_model_loads(capsys, tmp_path):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"not decoded: the check comes first")
+    assert main(["stream", "--video", str(video), "--ask", "what?", "--max-new-tokens", "0",
+                 "--model", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err
+    assert "max_new_tokens must be an integer >= 1, got 0" in err and "loading" not in err
+
+
 @pytest.mark.slow
 @needs_model
 def test_eval_writes_json(capsys, tmp_path):
