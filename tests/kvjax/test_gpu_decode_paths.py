@@ -4,7 +4,8 @@ and the same results as the CPU paths.
 XLA's GPU runtime blocks the host on every `lax.cond` (`kvjax.compat.conditionals_sync_host`),
 so on GPUs ClusterKV ranks every cluster instead of taking its top-k-with-fallback cond,
 FreeKV re-selects every step instead of only when a head is corrected, and ClusterKV's window
-clustering runs under one cond per step for all layers (`begin_decode_step`). Prefix sums
+clustering runs under one cond per step for all layers (`begin_decode_step`), and sampling
+sorts the whole vocabulary instead of ranking top-k candidates under a cond. Prefix sums
 are associative scans on CPU only (`kvjax.compat.prefix_sums_as_scan`). These tests switch
 the GPU paths on on the CPU, compare them with the CPU paths and the numpy references, and
 count the conditionals traced into one decode step of a model.
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kvjax.generation as generation_module
 import kvjax.methods.base as base_module
 import kvjax.methods.clusterkv as clusterkv_module
 import kvjax.methods.freekv as freekv_module
@@ -31,10 +33,10 @@ from tests.kvjax.test_clusterkv import _index_cache, np_select
 
 @pytest.fixture
 def gpu_paths(monkeypatch):
-    """`use(True)`: the methods take their GPU paths on this CPU (no per-layer conditionals,
-    `jnp.cumsum` prefix sums)."""
+    """`use(True)`: the methods and the sampler take their GPU paths on this CPU (no
+    conditionals, `jnp.cumsum` prefix sums)."""
     def use(gpu: bool) -> None:
-        for module in (clusterkv_module, freekv_module):
+        for module in (clusterkv_module, freekv_module, generation_module):
             monkeypatch.setattr(module, "conditionals_sync_host", lambda: gpu)
         monkeypatch.setattr(base_module, "prefix_sums_as_scan", lambda: not gpu)
     return use
@@ -65,6 +67,23 @@ def test_prefix_sum_paths_equal_numpy(gpu_paths, gpu):
     # A new function object: jax reuses a function's trace, and the path is a Python global.
     jaxpr = jax.make_jaxpr(lambda x: prefix_sum(x))(jnp.zeros((3, 1009), jnp.int32))
     assert ("cumsum[" in str(jaxpr)) == gpu
+
+
+def test_sampling_gpu_path_ranks_every_token_without_a_conditional(gpu_paths):
+    """Sampling's CPU path ranks the top candidates under a cond (a full sort as fallback);
+    the GPU path sorts every step, with no cond, and draws the same tokens."""
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.standard_normal((2, 16)) * np.array([[4.0], [0.5]]), jnp.float32)
+    keys = jax.random.split(jax.random.PRNGKey(0), 64)
+    args = (jnp.float32(1.0), jnp.float32(0.9), False, 4)
+    tokens, conds = {}, {}
+    for gpu in (False, True):
+        gpu_paths(gpu)
+        draw = lambda key: generation_module._sample(logits, key, *args)  # a new function: a new trace
+        conds[gpu] = count_conds(jax.make_jaxpr(draw)(keys[0]).jaxpr)
+        tokens[gpu] = np.asarray(jax.vmap(draw)(keys))
+    assert conds == {False: 1, True: 0}
+    np.testing.assert_array_equal(tokens[True], tokens[False])
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu-path", "gpu-path"])
