@@ -133,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = args.prompt
     mesh = _mesh_from_args(args.mesh, len(prompts))
     method = _method_from_args(args.method, args)  # bad arguments fail before the model loads
-    check_generation_args(args.max_new_tokens, args.temperature, args.top_p)
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     model = _load_model(args)
     if args.chat:
         prompts = [chat_prompt(model.tokenizer, p) for p in prompts]

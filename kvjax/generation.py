@@ -321,14 +321,17 @@ def convert(pre: Prefilled, method: Method) -> Prefilled:
     )
 
 
-def check_generation_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
+def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int = 0) -> None:
     """Raise on sampling arguments `generate` cannot use (the CLI checks before loading a model)."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not real(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not real(top_p) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
 
 
 def check_finite_logits(bad: np.ndarray, method: Method) -> None:
@@ -408,7 +411,7 @@ def generate(
     """
     method = Full() if method is None else method
     _check_method(method)
-    check_generation_args(max_new_tokens, temperature, top_p)
+    check_generation_args(max_new_tokens, temperature, top_p, seed)
     batched, prompts, questions = _tokenize(model.tokenizer, context, question)
     model = _on_mesh(model, mesh)
     pre = prefill(model, prompts, method, extra_tokens=max(len(q) for q in questions) + max_new_tokens, mesh=mesh)
@@ -433,7 +436,7 @@ def generate_many(
     """
     for method in methods:
         _check_method(method)
-    check_generation_args(max_new_tokens, temperature, top_p)
+    check_generation_args(max_new_tokens, temperature, top_p, seed)
     batched, prompts, questions = _tokenize(model.tokenizer, context, question)
     model = _on_mesh(model, mesh)
     dense = prefill(model, prompts, Full(), extra_tokens=max(len(q) for q in questions) + max_new_tokens, mesh=mesh)

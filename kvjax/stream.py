@@ -295,7 +295,7 @@ class StreamSession:
         `answer_prefix` is fed after the rendered question, before generation. `ttft_s` covers
         retrieval, the question prefill and the first token (`first_token`).
         """
-        check_generation_args(max_new_tokens, temperature, top_p)
+        check_generation_args(max_new_tokens, temperature, top_p, seed)
         start = self.first_token(question, answer_prefix, max_new_tokens)
         model = self.model
         decode_args = (

@@ -115,8 +115,13 @@ def test_stats_report_kv_bytes(tiny):
     "kwargs,error,match",
     [
         ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an integer >= 1"),
-        ({"temperature": -1.0}, ValueError, "temperature must be >= 0"),
-        ({"top_p": 0.0}, ValueError, "top_p must be in"),
+        ({"temperature": -1.0}, ValueError, "temperature must be a finite number >= 0, got -1.0"),
+        ({"temperature": float("nan")}, ValueError, "temperature must be a finite number >= 0, got nan"),
+        ({"temperature": float("inf")}, ValueError, "temperature must be a finite number >= 0, got inf"),
+        ({"temperature": "1"}, ValueError, "temperature must be a finite number >= 0, got '1'"),
+        ({"top_p": 0.0}, ValueError, r"top_p must be a number in \(0, 1\], got 0.0"),
+        ({"top_p": float("nan")}, ValueError, "top_p must be a number in"),
+        ({"seed": "x"}, ValueError, "seed must be an integer, got 'x'"),
         ({"method": "full"}, TypeError, "method must be a kvjax Method"),
         ({"method": ClusterKV(budget=1024, sink=600)}, ValueError, "sink=600 must be smaller than the cache capacity"),
         ({"max_new_tokens": 500}, ValueError, "exceeds the model's trained context of 512"),
@@ -128,6 +133,13 @@ def test_stats_report_kv_bytes(tiny):
 def test_bad_arguments_raise_clear_errors(tiny, kwargs, error, match):
     with pytest.raises(error, match=match):
         generate(tiny, _ids(20, 0), **kwargs)
+
+
+def test_numpy_scalars_are_valid_arguments(tiny):
+    plain = generate(tiny, _ids(20, 0), max_new_tokens=3, temperature=0.5, top_p=0.9, seed=3)
+    numpy = generate(tiny, _ids(20, 0), max_new_tokens=np.int64(3), temperature=np.float32(0.5),
+                     top_p=np.float64(0.9), seed=np.int32(3))
+    assert numpy.tokens == plain.tokens
 
 
 @pytest.mark.parametrize(
