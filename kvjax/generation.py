@@ -434,6 +434,8 @@ def generate_many(
     The prompt is prefilled once with `Full()`; every other method's cache is derived from
     it (`convert`), so comparing methods costs one prefill, not one per method.
     """
+    if not isinstance(methods, (list, tuple)) or not methods:
+        raise TypeError(f"methods must be a non-empty list of kvjax Methods (use generate for one), got {methods!r}")
     for method in methods:
         _check_method(method)
     check_generation_args(max_new_tokens, temperature, top_p, seed)

@@ -171,6 +171,18 @@ def test_token_id_arrays_are_contexts(tiny):
     assert generate(tiny, batch, max_new_tokens=3).tokens == generate(tiny, [list(r) for r in batch], max_new_tokens=3).tokens
 
 
+@pytest.mark.parametrize("methods,error,match", [
+    ([], TypeError, r"methods must be a non-empty list of kvjax Methods \(use generate for one\), got \[\]"),
+    (Full(), TypeError, "methods must be a non-empty list of kvjax Methods"),
+    ([Full(), "quest"], TypeError, "method must be a kvjax Method"),
+])
+def test_generate_many_rejects_bad_method_lists(tiny, methods, error, match):
+    from kvjax import generate_many
+
+    with pytest.raises(error, match=match):
+        generate_many(tiny, _ids(20, 0), methods, max_new_tokens=2)
+
+
 def test_generate_many_shares_one_prefill_and_equals_generate(tiny, monkeypatch):
     """Methods derived from one dense prefill generate exactly what their own prefill gives."""
     from kvjax import ClusterKV, Quest, generate_many
