@@ -109,9 +109,10 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: ja
         """(the draw from the nucleus found among the top k tokens, whether they hold it)."""
         ranked = jax.lax.top_k(scaled, k)[1]
         p = jnp.take_along_axis(probs, ranked, axis=-1)
-        keep = (prefix_sum(p) - p) < top_p
+        mass = prefix_sum(p)  # of the tokens ranked up to each one
+        keep = (mass - p) < top_p
         choice = jnp.argmax(jnp.where(keep, jnp.take_along_axis(noisy, ranked, axis=-1), -jnp.inf), axis=-1)
-        return jnp.take_along_axis(ranked, choice[:, None], axis=-1)[:, 0], p.sum(axis=-1) >= top_p
+        return jnp.take_along_axis(ranked, choice[:, None], axis=-1)[:, 0], mass[:, -1] >= top_p
 
     k = min(candidates, vocab)
     if k == vocab or conditionals_sync_host():
