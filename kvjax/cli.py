@@ -181,6 +181,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (checked before any model loads)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def needle_depth(text: str) -> float:
+    """argparse type: a needle depth, a fraction of the context in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import jax
 
@@ -380,13 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy / perplexity evaluation")
     e.add_argument("task", choices=[*TASKS, "perplexity"])
     e.add_argument("--model", default="smollm2")
-    e.add_argument("--lengths", type=int, nargs="+", default=[2048], help="target prompt tokens")
-    e.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    e.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1)")
+    e.add_argument("--lengths", type=positive_int, nargs="+", default=[2048], help="target prompt tokens")
+    e.add_argument("--depths", type=needle_depth, nargs="+", default=[0.1, 0.5, 0.9], help="needle depths in [0, 1]")
+    e.add_argument("--seeds", type=positive_int, default=1, help="number of seeds (0..N-1)")
     e.add_argument("--haystack", help="text file for niah haystacks (default: repeated noise)")
     e.add_argument("--text", help="perplexity text (default: ../shared/data/pride_and_prejudice.txt)")
-    e.add_argument("--score-tokens", type=int, default=64, help="perplexity: positions scored")
-    e.add_argument("--max-new-tokens", type=int, default=None)
+    e.add_argument("--score-tokens", type=positive_int, default=64, help="perplexity: positions scored")
+    e.add_argument("--max-new-tokens", type=positive_int, default=None)
     e.add_argument("--output", help="write JSON results here")
     _add_method_args(e, multiple=True)
     e.set_defaults(func=cmd_eval)

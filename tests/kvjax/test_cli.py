@@ -76,6 +76,22 @@ def test_bad_sampling_flags_are_rejected_before_the_model_loads(flags, message, 
     assert message in err and "loading" not in err
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--lengths", "2048", "0"], "argument --lengths: must be an integer >= 1, got 0"),
+    (["--depths", "0.5", "1.5"], "argument --depths: must be in [0, 1], got 1.5"),
+    (["--seeds", "0"], "argument --seeds: must be an integer >= 1, got 0"),
+    (["--score-tokens", "-3"], "argument --score-tokens: must be an integer >= 1, got -3"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got 0"),
+    (["--seeds", "two"], "argument --seeds: invalid positive_int value: 'two'"),
+])
+def test_bad_eval_sizes_are_rejected_before_the_model_loads(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "passkey", *flags, "--model", "/nonexistent/model.gguf"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "loading" not in err
+
+
 def test_stream_rejects_max_new_tokens_before_the_model_loads(capsys, tmp_path):
     video = tmp_path / "clip.mp4"
     video.write_bytes(b"not decoded: the check comes first")
