@@ -378,8 +378,6 @@ def _tokenize(tok, context, question) -> tuple[bool, list[list[int]], list[list[
         len(context) > 0 and isinstance(context[0], (numbers.Number, np.number))
     )
     contexts = list(context) if batched else [context]
-    if not contexts:
-        raise ValueError("context is empty: give a string, token ids, or a non-empty batch of either")
     prompts = [_encode(tok, c, True) if isinstance(c, str) else list(c) if np.ndim(c) == 1 else c
                for c in contexts]  # anything else fails `check_token_ids` in `prefill`
     if question is None:
@@ -415,7 +413,7 @@ def generate(
     check_generation_args(max_new_tokens, temperature, top_p, seed)
     batched, prompts, questions = _tokenize(model.tokenizer, context, question)
     model = _on_mesh(model, mesh)
-    pre = prefill(model, prompts, method, extra_tokens=max(len(q) for q in questions) + max_new_tokens, mesh=mesh)
+    pre = prefill(model, prompts, method, extra_tokens=max((len(q) for q in questions), default=0) + max_new_tokens, mesh=mesh)
     return _decode_from(model, pre, method, prompts, questions, batched, max_new_tokens, temperature, top_p, seed)
 
 
@@ -442,7 +440,7 @@ def generate_many(
     check_generation_args(max_new_tokens, temperature, top_p, seed)
     batched, prompts, questions = _tokenize(model.tokenizer, context, question)
     model = _on_mesh(model, mesh)
-    dense = prefill(model, prompts, Full(), extra_tokens=max(len(q) for q in questions) + max_new_tokens, mesh=mesh)
+    dense = prefill(model, prompts, Full(), extra_tokens=max((len(q) for q in questions), default=0) + max_new_tokens, mesh=mesh)
     outputs: dict[int, GenerationOutput] = {}
     # One Full decodes last on the dense cache itself: decoding donates (consumes) it.
     last = max((i for i, m in enumerate(methods) if m == Full()), default=None)
