@@ -196,8 +196,8 @@ def record_runs(row: dict[str, Any], save: Callable[[], None],
     return done
 
 
-def interleaved_runs(names: list[str], measure: Callable[[str], dict[str, Any]], repeats: int,
-                     done: Callable[[str, list[dict[str, Any]]], None] | None = None) -> dict[str, list[dict[str, Any]]]:
+def interleaved_runs(names: list[str], measure: Callable[[str], Any], repeats: int,
+                     done: Callable[[str, list[Any]], None] | None = None) -> dict[str, list[Any]]:
     """`repeats` rounds that each time every name once (`measure(name)`), each round starting
     one name later than the one before. This machine has slow and fast spells lasting
     minutes: methods measured in the same round share them, so the ratio of two methods is

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import forms
-from bench.method_speed import at_least_one, median_ratio
+from bench.method_speed import at_least_one, interleaved_runs, median_ratio
 
 SETTINGS = ((0.7, 0.9), (1.0, 0.9), (1.0, 0.95), (1.0, 1.0))  # (temperature, top_p)
 BATCHES = (1, 4)
@@ -85,12 +85,13 @@ def measure(logits: np.ndarray, temperature: float, top_p: float, batch: int, ro
     fns = {"candidates": sampler(SAMPLE_CANDIDATES), "full_ranking": sampler(vocab)}
     tokens = {name: np.asarray(fn(*args)) for name, fn in fns.items()}  # compiles
     np.testing.assert_array_equal(tokens["candidates"], tokens["full_ranking"])
-    runs: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(rounds):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fns[name](*args))
-            runs[name].append((time.perf_counter() - t0) / steps * 1e3)
+
+    def ms_per_sample(name: str) -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fns[name](*args))
+        return (time.perf_counter() - t0) / steps * 1e3
+
+    runs = interleaved_runs(list(fns), ms_per_sample, rounds)
     sizes = nucleus_sizes(np.asarray(rows), temperature, top_p)  # [steps, B]
     return {
         "temperature": temperature, "top_p": top_p, "batch": batch, "steps": steps,
