@@ -13,12 +13,13 @@ those dimensions over a device mesh; dimensions left unnamed, and fields declare
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from kvjax.checks import check_count, is_integer
 
 
 BATCH = "batch"  # one entry per sequence of the batch
@@ -48,14 +49,12 @@ class CacheSpec:
         """Refuse sizes no cache can have, naming the field (a wrong spec would otherwise
         surface as an XLA shape error inside a method's jitted step)."""
         for name in ("batch", "capacity", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"CacheSpec.{name} must be an integer >= 1, got {value!r}")
+            check_count(f"CacheSpec.{name}", getattr(self, name))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"CacheSpec.num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
         p = self.prompt_capacity
-        if p is not None and (not isinstance(p, numbers.Integral) or isinstance(p, bool) or not 1 <= p <= self.capacity):
+        if p is not None and (not is_integer(p) or not 1 <= p <= self.capacity):
             raise ValueError(f"CacheSpec.prompt_capacity must be None or an integer in [1, capacity={self.capacity}], got {p!r}")
         if not jnp.issubdtype(self.dtype, jnp.floating):
             raise TypeError(f"CacheSpec.dtype must be a floating-point dtype, got {self.dtype!r}")

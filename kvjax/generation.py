@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from kvjax import sharding
 from kvjax.cache import Cache, CacheSpec, init_cache, kv_bytes
+from kvjax.checks import check_count, is_integer
 from kvjax.compat import compiler_options, conditionals_sync_host
 from kvjax.methods import Full, Method
 from kvjax.methods.full import DenseLayerCache
@@ -325,13 +326,12 @@ def convert(pre: Prefilled, method: Method) -> Prefilled:
 def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int = 0) -> None:
     """Raise on sampling arguments `generate` cannot use (the CLI checks before loading a model)."""
     real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_count("max_new_tokens", max_new_tokens)
     if not real(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if not real(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+    if not is_integer(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
 
 
@@ -367,13 +367,24 @@ def check_token_ids(name: str, sequences: Sequence[Sequence[int]], vocab_size: i
                              f"model's vocabulary [0, {vocab_size})")
 
 
-def _check_method(method: Any) -> None:
+def check_method(method: Any) -> None:
     if not isinstance(method, Method):
         raise TypeError(f"method must be a kvjax Method (Full(), ClusterKV(...), ...), got {method!r}")
 
 
+def check_model(model: Any) -> None:
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a loaded model (models.load('smollm2') or models.load(<checkpoint "
+                        f"directory>)), got {model!r:.80}")
+
+
 def _tokenize(tok, context, question) -> tuple[bool, list[list[int]], list[list[int]]]:
     """(batched, prompt ids, question ids) from generate's `context` and `question`."""
+    if not isinstance(context, (str, list, tuple, np.ndarray, jax.Array)):
+        raise TypeError(f"context must be a string, a list of strings, token ids (a list of ints or an integer "
+                        f"array) or a list of token id lists, got {type(context).__name__}")
+    if isinstance(question, Method):
+        raise TypeError(f"question got the method {question!r}: pass it by keyword, method=...")
     batched = not isinstance(context, str) and not (
         len(context) > 0 and isinstance(context[0], (numbers.Number, np.number))
     )
@@ -409,7 +420,8 @@ def generate(
     (`kvjax.sharding.make_mesh`); the batch must split evenly over its `data` axis.
     """
     method = Full() if method is None else method
-    _check_method(method)
+    check_model(model)
+    check_method(method)
     check_generation_args(max_new_tokens, temperature, top_p, seed)
     batched, prompts, questions = _tokenize(model.tokenizer, context, question)
     model = _on_mesh(model, mesh)
@@ -436,7 +448,8 @@ def generate_many(
     if not isinstance(methods, (list, tuple)) or not methods:
         raise TypeError(f"methods must be a non-empty list of kvjax Methods (use generate for one), got {methods!r}")
     for method in methods:
-        _check_method(method)
+        check_model(model)
+    check_method(method)
     check_generation_args(max_new_tokens, temperature, top_p, seed)
     batched, prompts, questions = _tokenize(model.tokenizer, context, question)
     model = _on_mesh(model, mesh)

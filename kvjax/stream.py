@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from kvjax import sharding
+from kvjax.checks import check_count
 from kvjax.cache import Cache, kv_bytes
 from kvjax.generation import check_generation_args, _decode_jit, check_finite_logits, prompt_bucket
 from kvjax.methods.livevlm import LiveVLM
@@ -108,8 +109,7 @@ class StreamSession:
             raise ValueError(f"question_template must be a string containing '{{question}}', got {question_template!r}")
         if frame_tokens is None:
             frame_tokens = getattr(model, "tokens_per_frame", DEFAULT_TEXT_FRAME_TOKENS)
-        if not isinstance(frame_tokens, int) or isinstance(frame_tokens, bool) or frame_tokens < 1:
-            raise ValueError(f"frame_tokens must be an integer >= 1, got {frame_tokens!r}")
+        check_count("frame_tokens", frame_tokens)
         if mesh is not None:
             model = sharding.shard_model(model, mesh)
         self.model, self.method, self.mesh = model, method, mesh

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import Cache
-from kvjax.generation import check_finite_logits, check_token_ids, compiled, prefill
+from kvjax.checks import check_count
+from kvjax.generation import check_finite_logits, check_method, check_model, check_token_ids, compiled, prefill
 from kvjax.methods import Method
 from models.bundle import Model
 from models.config import ModelConfig
@@ -79,9 +80,11 @@ def perplexity(
 
     Raises FloatingPointError naming the first scored token whose logits held a NaN or Inf
     (a mean over them would be NaN, which compares as neither better nor worse than `Full`)."""
+    check_model(model)
+    check_method(method)
+    check_count("context_tokens", context_tokens)
+    check_count("score_tokens", score_tokens)
     check_token_ids("tokens", [tokens], model.config.vocab_size)
-    if score_tokens < 1:
-        raise ValueError(f"score_tokens must be >= 1, got {score_tokens}")
     if len(tokens) < context_tokens + score_tokens:
         raise ValueError(
             f"need {context_tokens + score_tokens} tokens (context_tokens + score_tokens), got {len(tokens)}"

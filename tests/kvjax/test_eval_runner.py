@@ -68,8 +68,17 @@ def test_perplexity_raises_naming_the_first_scored_token_with_nan_logits(tiny_lm
 
 
 def test_perplexity_rejects_bad_arguments(tiny_lm, tmp_path):
-    with pytest.raises(ValueError, match="score_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="score_tokens must be an integer >= 1, got 0"):
         ppl.perplexity(tiny_lm, [1] * 50, Full(), 20, 0)
+    with pytest.raises(ValueError, match=r"score_tokens must be an integer >= 1, got 10\.5"):
+        ppl.perplexity(tiny_lm, [1] * 50, Full(), 20, 10.5)
+    for context_tokens in (0, -5, 20.0):  # -5 would slice off the end, 0 prefill nothing
+        with pytest.raises(ValueError, match=f"context_tokens must be an integer >= 1, got {context_tokens}"):
+            ppl.perplexity(tiny_lm, [1] * 50, Full(), context_tokens, 10)
+    with pytest.raises(TypeError, match="method must be a kvjax Method"):
+        ppl.perplexity(tiny_lm, [1] * 50, "full", 20, 10)
+    with pytest.raises(TypeError, match="model must be a loaded model"):
+        ppl.perplexity("smollm2", [1] * 50, Full(), 20, 10)
     with pytest.raises(ValueError, match="need 70 tokens"):
         ppl.perplexity(tiny_lm, [1] * 50, Full(), 20, 50)
     with pytest.raises(ValueError, match=r"tokens: token id 49152 at position 30 is outside the model's vocabulary \[0, 49152\)"):

@@ -128,11 +128,21 @@ def test_stats_report_kv_bytes(tiny):
         ({"question": ["a", "b"]}, ValueError, "2 questions for a batch of 1"),
         ({"question": [1, 2]}, TypeError, r"question must be a string or a list of strings \(one per context\), got \[1, 2\]"),
         ({"question": 7}, TypeError, "question must be a string"),
+        ({"question": Full()}, TypeError, r"question got the method Full\(\): pass it by keyword, method=\.\.\."),
     ],
 )
 def test_bad_arguments_raise_clear_errors(tiny, kwargs, error, match):
     with pytest.raises(error, match=match):
         generate(tiny, _ids(20, 0), **kwargs)
+
+
+def test_a_model_that_is_not_loaded_is_refused_by_name():
+    from kvjax import generate_many
+
+    with pytest.raises(TypeError, match=r"model must be a loaded model \(models.load\('smollm2'\).* got 'smollm2'"):
+        generate("smollm2", "Hello", max_new_tokens=2)
+    with pytest.raises(TypeError, match="model must be a loaded model"):
+        generate_many(None, "Hello", [Full()], max_new_tokens=2)
 
 
 def test_numpy_scalars_are_valid_arguments(tiny):
@@ -154,6 +164,9 @@ def test_numpy_scalars_are_valid_arguments(tiny):
                                           r"got an array of shape \(2,\) and dtype float64"),
         ([[1, 2], 3], TypeError, r"context 1 must be a string or a flat list .* shape \(\)"),
         ([np.ones((2, 3), np.int32)], TypeError, r"shape \(2, 3\)"),
+        (None, TypeError, "context must be a string, a list of strings, token ids .* got NoneType"),
+        (7, TypeError, "context must be a string, .* got int"),
+        ({"text": "hi"}, TypeError, "context must be a string, .* got dict"),
     ],
 )
 def test_bad_contexts_raise_naming_the_context(tiny, context, error, match):
