@@ -159,11 +159,13 @@ class StreamSession:
 
     def add_frames(self, frames: Any) -> None:
         """Add frames: uint8 pixels [T, H, W, 3] (through `frame_encoder`) or per-frame token
-        embeddings [T, n, hidden] (a float array, used as they are)."""
+        embeddings [T, n, hidden] (a float array, used as they are). Embeddings holding NaN or
+        Inf (in the session's dtype) are refused before anything is added: they would poison
+        every later answer of the stream."""
         arr = frames if isinstance(frames, jax.Array) else np.asarray(frames)
         hidden = self.model.config.hidden_size
         if arr.ndim == 3 and jnp.issubdtype(arr.dtype, jnp.floating) and arr.shape[-1] == hidden:
-            embeddings = arr
+            embeddings, source = arr, "frames"
         elif arr.ndim == 4 and arr.dtype == np.uint8 and arr.shape[-1] == 3:
             if self.frame_encoder is None:
                 raise TypeError(
@@ -171,13 +173,21 @@ class StreamSession:
                     f"has no vision tower (no encode_frames): pass frame_encoder=..., per-frame token "
                     f"embeddings [T, n, {hidden}], or use add_text"
                 )
-            embeddings = self.frame_encoder(arr)
+            embeddings, source = self.frame_encoder(arr), "frame_encoder"
         else:
             raise TypeError(
                 f"frames must be uint8 pixels [T, H, W, 3] or float embeddings [T, n, {hidden}], "
                 f"got {arr.dtype} {tuple(arr.shape)}"
             )
-        self._add([np.asarray(e, self._embed.dtype) for e in embeddings], "frames")
+        with np.errstate(over="ignore"):  # an overflow to Inf is reported just below
+            embeddings = [np.asarray(e, self._embed.dtype) for e in embeddings]
+        bad = [i for i, e in enumerate(embeddings) if not np.isfinite(e).all()]
+        if bad:
+            raise ValueError(
+                f"{source}: the embeddings of frame {bad[0]} (of {len(embeddings)}) hold NaN or Inf in "
+                f"{self._embed.dtype}; none of the {len(embeddings)} frames was added"
+            )
+        self._add(embeddings, "frames")
 
     def add_video(
         self,

@@ -265,6 +265,19 @@ def test_bad_inputs_name_the_parameter(tiny_lm):
         s.add_frames(np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(TypeError, match="frames must be uint8 pixels"):
         s.add_frames(np.zeros((2, 8), np.float32))
+    frames = np.zeros((3, 4, tiny_lm.config.hidden_size), np.float64)
+    frames[1, 2, 5] = np.nan
+    with pytest.raises(ValueError, match=r"frames: the embeddings of frame 1 \(of 3\) hold NaN or Inf in float32; none"):
+        s.add_frames(frames)
+    frames[1, 2, 5] = 1e39  # finite in float64, Inf in the session's float32
+    with pytest.raises(ValueError, match="frame 1 .* hold NaN or Inf"):
+        s.add_frames(frames)
+    assert s.frames == 0
+    hidden = tiny_lm.config.hidden_size
+    broken = StreamSession(tiny_lm, LIVE, frame_tokens=FRAME_TOKENS,
+                           frame_encoder=lambda pixels: np.full((len(pixels), 4, hidden), np.inf, np.float32))
+    with pytest.raises(ValueError, match=r"frame_encoder: the embeddings of frame 0 \(of 2\) hold NaN or Inf"):
+        broken.add_frames(np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="question must be a non-empty string"):
         s.ask("  ")
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
