@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.method_speed import at_least_one, save_result
+from bench.method_speed import save_result
+from kvjax.cli import positive_int
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,7 +84,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=at_least_one, default=3)
+    p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--tokens", type=int, default=6000, help="demo prompt length")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/...)")
     args = p.parse_args(argv)

@@ -74,10 +74,10 @@ def time_forms(forms: dict[str, Callable[..., jax.Array]], args: tuple[jax.Array
 
 
 def add_timing_args(p: argparse.ArgumentParser) -> None:
-    from bench.method_speed import at_least_one
+    from kvjax.cli import positive_int
 
-    p.add_argument("--rounds", type=at_least_one, default=7)
-    p.add_argument("--reps", type=at_least_one, default=200, help="applications per timed loop")
+    p.add_argument("--rounds", type=positive_int, default=7)
+    p.add_argument("--reps", type=positive_int, default=200, help="applications per timed loop")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/...)")
 
 

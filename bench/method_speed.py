@@ -269,26 +269,18 @@ def add_speed_args(p, contexts: list[int]) -> None:
     """Options shared by the speed benchmarks (this one and bench/freekv.py)."""
     from pathlib import Path
 
-    p.add_argument("--contexts", type=int, nargs="+", default=contexts)
-    p.add_argument("--budget", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=16, help="decode steps timed per method")
+    from kvjax.cli import positive_int
+
+    p.add_argument("--contexts", type=positive_int, nargs="+", default=contexts)
+    p.add_argument("--budget", type=positive_int, default=1024)
+    p.add_argument("--steps", type=positive_int, default=16, help="decode steps timed per method")
     p.add_argument("--shape", choices=SHAPES, default="smollm2", help="model architecture (random weights)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and KV cache dtype")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/...)")
-    p.add_argument("--repeats", type=at_least_one, default=1,
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="runs per measurement (cache build, decode, prefill), in rounds over the methods; "
                         "medians and per-round ratios are reported")
-
-
-def at_least_one(text: str) -> int:
-    """argparse type of a count of runs."""
-    import argparse
-
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,8 @@ import numpy as np
 import pallas_kernels as pk
 from bench import forms
 from bench.forms import time_forms
-from bench.method_speed import at_least_one, median_ratio
+from bench.method_speed import median_ratio
+from kvjax.cli import positive_int
 
 PAGES = (128, 256, 512, 1024, 2048)  # 4k / 32, ..., 32k / 16
 # (query heads, KV heads, head dimension) of the model shapes of bench/method_speed.py.
@@ -57,7 +58,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pages", type=at_least_one, nargs="+", default=list(PAGES))
+    p.add_argument("--pages", type=positive_int, nargs="+", default=list(PAGES))
     p.add_argument("--shape", choices=sorted(HEADS), default="smollm2", help="query heads, KV heads and head size")
     forms.add_timing_args(p)
     args = p.parse_args(argv)

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import forms
-from bench.method_speed import at_least_one, interleaved_runs, median_ratio
+from bench.method_speed import interleaved_runs, median_ratio
+from kvjax.cli import positive_int
 
 SETTINGS = ((0.7, 0.9), (1.0, 0.9), (1.0, 0.95), (1.0, 1.0))  # (temperature, top_p)
 BATCHES = (1, 4)
@@ -133,8 +134,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--text", type=Path, default=default_haystack_path(),
                    help="text the model reads (default: ../shared/data/pride_and_prejudice.txt)")
-    p.add_argument("--positions", type=at_least_one, default=512, help="logits rows sampled per form and round")
-    p.add_argument("--rounds", type=at_least_one, default=5)
+    p.add_argument("--positions", type=positive_int, default=512, help="logits rows sampled per form and round")
+    p.add_argument("--rounds", type=positive_int, default=5)
     p.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/...)")
     args = p.parse_args(argv)
     if args.text is None or not args.text.is_file():

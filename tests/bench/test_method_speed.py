@@ -82,11 +82,12 @@ def test_table_ratios_come_from_the_paired_ratios():
     assert last == "| 4096 | 10.0 | 10.0 | 10.0 | 3.00x | 1.25x | 7.2% |"
 
 
-def test_repeats_must_be_positive(capsys):
+@pytest.mark.parametrize("flag", ["--repeats", "--steps", "--budget", "--contexts"])
+def test_counts_must_be_positive(capsys, flag):
     with pytest.raises(SystemExit) as exc:
-        method_speed.main(["--repeats", "0"])
+        method_speed.main([flag, "0"])
     assert exc.value.code == 2
-    assert "argument --repeats: must be at least 1, got 0" in capsys.readouterr().err
+    assert f"argument {flag}: must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_warm_up_decodes_a_copy_and_leaves_the_prefill_to_the_timed_run(tiny_lm):
