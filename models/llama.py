@@ -110,9 +110,32 @@ def forward(
     - `last_only`: return logits only at each sequence's last valid position (`[B, 1, V]`),
       which avoids the `[B, T, V]` output matrix for long prompts.
     """
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer token ids [B, T], got {tokens.dtype} {tuple(tokens.shape)}")
     return forward_embeddings(
         params, params.embed[tokens], positions, cache, method, config=config, last_only=last_only
     )
+
+
+def check_inputs(params: Params, x: jax.Array, positions: jax.Array, cache: Cache, config: ModelConfig) -> None:
+    """Refuse inputs whose shapes do not fit the model or each other, naming the argument.
+
+    Shapes are static, so this costs nothing at run time. A cache with fewer layers than the
+    model would otherwise run only those layers (`zip`) and return wrong logits silently; the
+    other mismatches would surface as XLA broadcasting errors deep inside attention."""
+    if x.ndim != 3 or x.shape[-1] != config.hidden_size:
+        raise ValueError(f"input embeddings must be [B, T, hidden_size={config.hidden_size}], got {tuple(x.shape)}")
+    if tuple(positions.shape) != tuple(x.shape[:2]) or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"positions must be integers shaped like the tokens {tuple(x.shape[:2])}, "
+                         f"got {positions.dtype} {tuple(positions.shape)}")
+    if len(params.layers) != config.num_layers:
+        raise ValueError(f"params hold {len(params.layers)} layers, config.num_layers is {config.num_layers}")
+    if len(cache.layers) != config.num_layers:
+        raise ValueError(f"cache holds {len(cache.layers)} layers, the model has {config.num_layers} "
+                         f"(build it with init_cache(method, CacheSpec(num_layers={config.num_layers}, ...)))")
+    if tuple(cache.lengths.shape) != (x.shape[0],):
+        raise ValueError(f"cache holds {cache.lengths.shape[0] if cache.lengths.ndim else 0} sequences "
+                         f"(CacheSpec.batch), the tokens {x.shape[0]}")
 
 
 def forward_embeddings(
@@ -130,6 +153,7 @@ def forward_embeddings(
     Multimodal models (LLaVA-OneVision) call this after writing vision features into the
     embedded prompt; everything else is as in `forward`.
     """
+    check_inputs(params, x, positions, cache, config)
     inv_freq = rope_inv_freq(config)
     if x.shape[1] == 1:
         lengths = cache.lengths  # tokens already cached = position of this token

@@ -89,3 +89,27 @@ def test_incremental_decode_equals_full_forward(tiny, method):
             if 30 + t < len(p):
                 expected = _hf_logits(hf_model, p[: 31 + t])[-1]
                 np.testing.assert_allclose(np.asarray(logits)[i, 0], expected, atol=TOL, rtol=0)
+
+
+def test_inputs_that_do_not_fit_the_model_are_refused_by_name(tiny):
+    """Shape mismatches fail at trace time naming the argument. A cache with fewer layers
+    than the model used to run only those layers and return wrong logits without an error."""
+    _, config, params = tiny
+    method = Full()
+    tokens, positions = jnp.ones((2, 8), jnp.int32), jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+    cache = init_cache(method, _spec(config, 2, 64))
+    assert forward(params, tokens, positions, cache, method, config=config)[0].shape == (2, 8, config.vocab_size)
+    shallow = init_cache(method, CacheSpec(batch=2, capacity=64, num_layers=config.num_layers - 1, num_heads=config.num_heads,
+                                           num_kv_heads=config.num_kv_heads, head_dim=config.head_dim))
+    cases = [
+        ((tokens, positions, shallow), ValueError, f"cache holds {config.num_layers - 1} layers, the model has {config.num_layers}"),
+        ((tokens, positions, init_cache(method, _spec(config, 1, 64))), ValueError, r"cache holds 1 sequences \(CacheSpec.batch\), the tokens 2"),
+        ((tokens[:, :1], positions[:, :1], init_cache(method, _spec(config, 1, 64))), ValueError, "cache holds 1 sequences"),
+        ((tokens, positions[:, :4], cache), ValueError, r"positions must be integers shaped like the tokens \(2, 8\), got int32 \(2, 4\)"),
+        ((tokens, positions.astype(jnp.float32), cache), ValueError, "positions must be integers"),
+        ((tokens.astype(jnp.float32), positions, cache), TypeError, r"tokens must be integer token ids \[B, T\], got float32 \(2, 8\)"),
+        ((tokens[0], positions[0], cache), TypeError, r"tokens must be integer token ids \[B, T\], got int32 \(8,\)"),
+    ]
+    for (t, p, c), error, match in cases:
+        with pytest.raises(error, match=match):
+            forward(params, t, p, c, method, config=config)
