@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from kvjax.environment import environment
@@ -27,6 +28,14 @@ MAX_NEW_TOKENS = {
 }
 
 
+def check_grid(**axes: Any) -> None:
+    """Raise unless each named argument is a non-empty list of values (one run per entry):
+    a bare value would fail with "not iterable", an empty list would run nothing."""
+    for name, values in axes.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)) or len(values) == 0:
+            raise TypeError(f"{name} must be a non-empty list (one run per entry), got {values!r:.80}")
+
+
 def run_task(
     model: Model,
     task: str,
@@ -41,6 +50,7 @@ def run_task(
     """One row per (length, depth, seed, method): the prediction, its score and timings."""
     if task not in TASKS:
         raise ValueError(f"task={task!r} is unknown; expected one of {TASKS} or 'perplexity'")
+    check_grid(lengths=lengths, depths=depths, seeds=seeds, methods=methods)
     new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
     cases = [(n, d, s) for n in lengths for d in depths for s in seeds]
     rows = []
@@ -54,10 +64,10 @@ def run_task(
         for method, out in zip(methods, outputs):
             rows.append({
                 "task": task,
-                "length": length,
+                "length": int(length),  # checked by make_sample (numpy integers too)
                 "context_tokens": sample.context_tokens,
-                "depth": depth,
-                "seed": seed,
+                "depth": sample.depth,
+                "seed": sample.seed,
                 **{f"method_{k}" if k != "method" else k: v for k, v in method.describe().items()},
                 "score": score(sample, out.text),
                 "prediction": out.text,
@@ -79,6 +89,7 @@ def run_perplexity(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Perplexity of the `score_tokens` after each context length, per method."""
+    check_grid(lengths=lengths, methods=methods)
     tokens = ppl.load_text_tokens(model, text, max(lengths) + score_tokens)
     rows = []
     bar = tqdm(total=len(lengths) * len(methods), desc="perplexity", disable=not progress, unit="run")
@@ -87,7 +98,7 @@ def run_perplexity(
             r = ppl.perplexity(model, tokens, method, length, score_tokens)
             rows.append({
                 "task": "perplexity",
-                "length": length,
+                "length": int(length),  # checked by perplexity (numpy integers too)
                 **{f"method_{k}" if k != "method" else k: v for k, v in method.describe().items()},
                 "score_tokens": score_tokens,
                 "nll": r.nll,

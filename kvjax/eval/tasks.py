@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import numbers
 import os
 import random
 import re
@@ -32,6 +33,8 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from kvjax.checks import is_integer
 
 __all__ = ["TASKS", "Sample", "Tokenizer", "default_data_dir", "default_haystack_path", "make_sample", "score"]
 
@@ -184,12 +187,13 @@ def make_sample(
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
-    if isinstance(target_tokens, bool) or not isinstance(target_tokens, int) or target_tokens < 1:
+    if not is_integer(target_tokens) or target_tokens < 1:
         raise ValueError(f"target_tokens must be a positive int, got {target_tokens!r}")
-    if not 0.0 <= depth <= 1.0:
+    if not isinstance(depth, numbers.Real) or not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_integer(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    target_tokens, seed = int(target_tokens), int(seed)  # numpy integers too (np.arange seeds)
     builder = _BUILDERS[task]
     allowed = [n for n, p in inspect.signature(builder).parameters.items() if p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(task_kwargs) - set(allowed))

@@ -120,3 +120,31 @@ def test_kv_retrieval_ignores_the_haystack_file(tiny_lm, tmp_path):
 def test_run_task_rejects_unknown_task(tiny_lm):
     with pytest.raises(ValueError, match="task='nope' is unknown"):
         runner.run_task(tiny_lm, "nope", [200], [0.5], [0], [Full()])
+
+
+@pytest.mark.parametrize("grid,match", [
+    ({"seeds": 2}, "seeds must be a non-empty list"),
+    ({"lengths": []}, "lengths must be a non-empty list"),
+    ({"depths": "0.5"}, "depths must be a non-empty list"),
+    ({"methods": Full()}, "methods must be a non-empty list"),
+])
+def test_run_task_refuses_a_grid_that_is_not_a_list(tiny_lm, grid, match):
+    """A bare value used to fail with "not iterable"; an empty list ran nothing and returned []."""
+    args = {"lengths": [200], "depths": [0.5], "seeds": [0], "methods": [Full()], **grid}
+    with pytest.raises(TypeError, match=match):
+        runner.run_task(tiny_lm, "passkey", **args, progress=False)
+
+
+def test_run_perplexity_refuses_empty_lengths(tiny_lm, tmp_path):
+    with pytest.raises(TypeError, match="lengths must be a non-empty list"):
+        runner.run_perplexity(tiny_lm, tmp_path / "unused.txt", [], [Full()])
+
+
+def test_numpy_grids_give_json_rows(tiny_lm, tmp_path):
+    """Lengths and seeds from numpy (np.arange) run like ints and their rows write as JSON."""
+    rows = runner.run_task(tiny_lm, "passkey", np.array([200]), np.array([0.5]), np.arange(1), [Full()], progress=False)
+    assert (rows[0]["length"], rows[0]["depth"], rows[0]["seed"]) == (200, 0.5, 0)
+    assert [type(rows[0][k]) for k in ("length", "depth", "seed")] == [int, float, int]
+    plain = runner.run_task(tiny_lm, "passkey", [200], [0.5], [0], [Full()], progress=False)
+    assert rows[0]["prediction"] == plain[0]["prediction"]
+    runner.write_results(tmp_path / "numpy.json", rows)
