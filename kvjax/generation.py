@@ -447,9 +447,9 @@ def generate_many(
     """
     if not isinstance(methods, (list, tuple)) or not methods:
         raise TypeError(f"methods must be a non-empty list of kvjax Methods (use generate for one), got {methods!r}")
+    check_model(model)
     for method in methods:
-        check_model(model)
-    check_method(method)
+        check_method(method)
     check_generation_args(max_new_tokens, temperature, top_p, seed)
     batched, prompts, questions = _tokenize(model.tokenizer, context, question)
     model = _on_mesh(model, mesh)

@@ -188,6 +188,7 @@ def test_token_id_arrays_are_contexts(tiny):
     ([], TypeError, r"methods must be a non-empty list of kvjax Methods \(use generate for one\), got \[\]"),
     (Full(), TypeError, "methods must be a non-empty list of kvjax Methods"),
     ([Full(), "quest"], TypeError, "method must be a kvjax Method"),
+    (["quest", Full()], TypeError, "method must be a kvjax Method .* got 'quest'"),
 ])
 def test_generate_many_rejects_bad_method_lists(tiny, methods, error, match):
     from kvjax import generate_many
