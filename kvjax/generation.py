@@ -69,6 +69,9 @@ def prompt_bucket(n: int) -> int:
 
 def chat_prompt(tokenizer, message: str, system: str | None = None) -> str:
     """Render one user message with the tokenizer's chat template, ready for generation."""
+    for name, text in (("message", message), ("system", system)):
+        if not isinstance(text, str) and not (name == "system" and text is None):
+            raise TypeError(f"{name} must be a string, got {type(text).__name__}")
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": message}
     ]

@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from kvjax import ClusterKV, Full, StreamingLLM, generate
+from kvjax import ClusterKV, Full, StreamingLLM, chat_prompt, generate
 from kvjax.generation import COMPILE_COUNTS, prompt_bucket
 
 VOCAB = 49152  # SmolLM2's, shared by the tiny model
@@ -134,6 +134,14 @@ def test_stats_report_kv_bytes(tiny):
 def test_bad_arguments_raise_clear_errors(tiny, kwargs, error, match):
     with pytest.raises(error, match=match):
         generate(tiny, _ids(20, 0), **kwargs)
+
+
+def test_chat_prompt_wants_strings(tiny):
+    assert "Hi there" in chat_prompt(tiny.tokenizer, "Hi there", system="Be brief.")
+    with pytest.raises(TypeError, match="message must be a string, got int"):
+        chat_prompt(tiny.tokenizer, 5)
+    with pytest.raises(TypeError, match="system must be a string, got list"):
+        chat_prompt(tiny.tokenizer, "Hi", system=["Be brief."])
 
 
 def test_a_model_that_is_not_loaded_is_refused_by_name():

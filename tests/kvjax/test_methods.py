@@ -160,3 +160,16 @@ def test_cache_spec_rejects_impossible_sizes(kwargs, error, match):
     CacheSpec(**sizes, dtype=jnp.bfloat16, prompt_capacity=np.int64(16))  # numpy integers are fine
     with pytest.raises(error, match=match):
         CacheSpec(**{**sizes, **kwargs})
+
+
+def test_init_cache_refuses_arguments_of_the_wrong_type():
+    """A method name or a dict of sizes used to fail with "'str' object has no attribute 'validate'"."""
+    from kvjax import init_cache
+    from kvjax.cache import CacheSpec
+
+    spec = CacheSpec(batch=1, capacity=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    assert len(init_cache(StreamingLLM(budget=16), spec).layers) == 2
+    with pytest.raises(TypeError, match=r"method must be a kvjax Method \(Full\(\), ClusterKV\(...\), ...\), got 'full'"):
+        init_cache("full", spec)
+    with pytest.raises(TypeError, match=r"spec must be a CacheSpec\(batch=\.\.\., .* got \{'batch': 1\}"):
+        init_cache(StreamingLLM(budget=16), {"batch": 1})
