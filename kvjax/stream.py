@@ -38,7 +38,7 @@ from jax.sharding import Mesh
 from kvjax import sharding
 from kvjax.checks import check_count
 from kvjax.cache import Cache, kv_bytes
-from kvjax.generation import check_generation_args, _decode_jit, check_finite_logits, prompt_bucket
+from kvjax.generation import check_generation_args, _decode_jit, check_finite_logits, check_model, prompt_bucket
 from kvjax.methods.livevlm import LiveVLM
 from kvjax.methods.stream_memory import StreamLayout, StreamMethod
 from kvjax.stream_forward import AnswerDecode, Executor, encode_clip, encode_init
@@ -97,6 +97,7 @@ class StreamSession:
         frame_encoder: Callable[[np.ndarray], Any] | None = None,
         mesh: Mesh | None = None,
     ) -> None:
+        check_model(model)
         method = LiveVLM() if method is None else method
         if not isinstance(method, StreamMethod):
             raise TypeError(f"method must be a streaming method (LiveVLM(), ReKV(), FullVideo()), got {method!r}")

@@ -240,6 +240,8 @@ def test_answer_decode_when_layers_retrieve_different_counts(tiny_lm):
 def test_bad_inputs_name_the_parameter(tiny_lm):
     with pytest.raises(TypeError, match="method must be a streaming method"):
         StreamSession(tiny_lm, Full())
+    with pytest.raises(TypeError, match="model must be a loaded model .* got 'llava'"):
+        StreamSession("llava", LIVE)
     with pytest.raises(ValueError, match="retrieve_ratio must be in"):
         StreamSession(tiny_lm, LiveVLM(retrieve_ratio=0.0, **SMALL), frame_tokens=FRAME_TOKENS)
     with pytest.raises(ValueError, match=r"vsb_score must be one of \('attention', 'keydiff'\), got 'novelty'"):
