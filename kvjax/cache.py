@@ -73,10 +73,9 @@ class Cache:
 
 def init_cache(method, spec: CacheSpec) -> Cache:
     """Allocate an empty cache for `method` (validates the method against `spec` first)."""
-    from kvjax.methods.base import Method  # here: kvjax.methods imports this module
+    from kvjax.methods.base import check_method  # here: kvjax.methods imports this module
 
-    if not isinstance(method, Method):
-        raise TypeError(f"method must be a kvjax Method (Full(), ClusterKV(...), ...), got {method!r:.80}")
+    check_method(method)
     if not isinstance(spec, CacheSpec):
         raise TypeError(f"spec must be a CacheSpec(batch=..., capacity=..., num_layers=..., ...), got {spec!r:.80}")
     method.validate(spec)

@@ -33,7 +33,7 @@ from kvjax.checks import check_count, is_integer
 from kvjax.compat import compiler_options, conditionals_sync_host
 from kvjax.methods import Full, Method
 from kvjax.methods.full import DenseLayerCache
-from kvjax.methods.base import prefix_sum
+from kvjax.methods.base import check_method, prefix_sum
 from models.bundle import Model
 from models.config import ModelConfig
 from models.llama import forward
@@ -69,9 +69,10 @@ def prompt_bucket(n: int) -> int:
 
 def chat_prompt(tokenizer, message: str, system: str | None = None) -> str:
     """Render one user message with the tokenizer's chat template, ready for generation."""
-    for name, text in (("message", message), ("system", system)):
-        if not isinstance(text, str) and not (name == "system" and text is None):
-            raise TypeError(f"{name} must be a string, got {type(text).__name__}")
+    if not isinstance(message, str):
+        raise TypeError(f"message must be a string, got {type(message).__name__}")
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"system must be a string, got {type(system).__name__}")
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": message}
     ]
@@ -368,11 +369,6 @@ def check_token_ids(name: str, sequences: Sequence[Sequence[int]], vocab_size: i
         if bad.size:
             raise ValueError(f"{which}: token id {ids[bad[0]]} at position {bad[0]} is outside the "
                              f"model's vocabulary [0, {vocab_size})")
-
-
-def check_method(method: Any) -> None:
-    if not isinstance(method, Method):
-        raise TypeError(f"method must be a kvjax Method (Full(), ClusterKV(...), ...), got {method!r}")
 
 
 def check_model(model: Any) -> None:

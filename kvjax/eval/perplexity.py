@@ -19,8 +19,9 @@ import numpy as np
 
 from kvjax.cache import Cache
 from kvjax.checks import check_count
-from kvjax.generation import check_finite_logits, check_method, check_model, check_token_ids, compiled, prefill
+from kvjax.generation import check_finite_logits, check_model, check_token_ids, compiled, prefill
 from kvjax.methods import Method
+from kvjax.methods.base import check_method
 from models.bundle import Model
 from models.config import ModelConfig
 from models.llama import forward

@@ -133,6 +133,12 @@ def write_prompt(buffer: jax.Array, x: jax.Array) -> jax.Array:
     return buffer.at[:, :, :t].set(to_head_major(x, buffer.dtype))
 
 
+def check_method(method: Any) -> None:
+    """Raise unless `method` is a kvjax Method (the entry points take instances, not names)."""
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a kvjax Method (Full(), ClusterKV(...), ...), got {method!r}")
+
+
 def check_int(name: str, value: Any, minimum: int) -> None:
     """Validate an integer hyperparameter with an error naming it and the allowed range."""
     if not isinstance(value, (int,)) or isinstance(value, bool) or value < minimum:
