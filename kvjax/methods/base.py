@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from kvjax.attention import causal_attention
 from kvjax.cache import CacheSpec
+from kvjax.checks import plain_numbers
 from kvjax.compat import prefix_sums_as_scan
 
 
@@ -42,6 +43,7 @@ class Method:
     name: ClassVar[str] = "method"
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         self.check_hyperparameters()
 
     def check_hyperparameters(self) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 from flax import struct
 
 from kvjax.cache import HEADS, axes
+from kvjax.checks import plain_numbers
 from kvjax.methods.base import check_int
 
 
@@ -106,6 +107,7 @@ class StreamMethod:
     # --- checks ------------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         self.check_hyperparameters()
 
     def check_hyperparameters(self) -> None:

@@ -144,6 +144,27 @@ def test_methods_are_hashable_static_arguments():
     assert StreamingLLM(budget=32).describe() == {"method": "streaming_llm", "budget": 32, "sink": 4}
 
 
+def test_numpy_hyperparameters_become_python_numbers():
+    """Hyperparameters computed with numpy are taken as the numbers they hold: the method
+    equals and hashes like the literal one, and describes itself as plain JSON."""
+    import json
+
+    from kvjax import ClusterKV, FreeKV, LiveVLM
+
+    for numpy_made, literal in [
+        (StreamingLLM(budget=np.int64(32), sink=np.int32(2)), StreamingLLM(budget=32, sink=2)),
+        (ClusterKV(budget=np.arange(256, 257)[0]), ClusterKV(budget=256)),
+        (FreeKV(tau=np.float32(0.5)), FreeKV(tau=0.5)),
+        (LiveVLM(short_frames=np.int64(4)), LiveVLM(short_frames=4)),
+    ]:
+        assert numpy_made == literal and hash(numpy_made) == hash(literal)
+        assert json.loads(json.dumps(numpy_made.describe())) == literal.describe()
+    with pytest.raises(ValueError, match="budget must be an integer >= 5, got 3"):
+        StreamingLLM(budget=np.int64(3))
+    with pytest.raises(ValueError, match="budget must be an integer >= 17"):
+        ClusterKV(budget=np.bool_(True))
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"batch": 0}, ValueError, r"CacheSpec.batch must be an integer >= 1, got 0"),
     ({"head_dim": 8.0}, ValueError, r"CacheSpec.head_dim must be an integer >= 1, got 8.0"),
