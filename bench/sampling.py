@@ -55,12 +55,12 @@ def position_logits(model, text: Path, positions: int) -> np.ndarray:
 
 def sampler(candidates: int) -> Callable[..., jax.Array]:
     """Jitted: tokens [steps, B] sampled from logits [steps, B, V], a new key per step."""
-    from kvjax.generation import _sample
+    from kvjax.generation import sample_tokens
 
     def run(logits, key, temperature, top_p):
         def step(key, row):
             key, sub = jax.random.split(key)
-            return key, _sample(row, sub, temperature, top_p, False, candidates)
+            return key, sample_tokens(row, sub, temperature, top_p, False, candidates)
 
         return jax.lax.scan(step, key, logits)[1]
 

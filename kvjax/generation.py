@@ -90,9 +90,9 @@ def _prefill(params: Params, tokens, positions, cache: Cache, *, config: ModelCo
     return logits[:, 0], sharding.constrain(cache, mesh)
 
 
-def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, greedy: bool,
-            candidates: int = SAMPLE_CANDIDATES):
-    """Greedy, or temperature + nucleus (top-p) sampling. logits: [B, V] float32.
+def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, greedy: bool,
+                  candidates: int = SAMPLE_CANDIDATES) -> jax.Array:
+    """Greedy, or temperature + nucleus (top-p) sampling: logits [B, V] float32 -> token ids [B] int32.
 
     The nucleus is the smallest prefix of the tokens ranked by probability whose mass reaches
     `top_p` (the first token always stays; `top_p >= 1`: every token). The draw is Gumbel-max
@@ -162,7 +162,7 @@ def _decode(
         nonfinite = ~jnp.all(jnp.isfinite(logits), axis=-1) & ~done
         bad = jnp.where((bad < 0) & nonfinite, step, bad)
         key, sub = jax.random.split(key)
-        sampled = _sample(logits, sub, temperature, top_p, greedy)
+        sampled = sample_tokens(logits, sub, temperature, top_p, greedy)
         is_forced = step < forced_len
         token = jnp.where(is_forced, forced[rows, jnp.minimum(step, forced.shape[1] - 1)], sampled)
         record = ~is_forced & ~done

@@ -79,7 +79,7 @@ def test_sampling_gpu_path_ranks_every_token_without_a_conditional(gpu_paths):
     tokens, conds = {}, {}
     for gpu in (False, True):
         gpu_paths(gpu)
-        draw = lambda key: generation_module._sample(logits, key, *args)  # a new function: a new trace
+        draw = lambda key: generation_module.sample_tokens(logits, key, *args)  # a new function: a new trace
         conds[gpu] = count_conds(jax.make_jaxpr(draw)(keys[0]).jaxpr)
         tokens[gpu] = np.asarray(jax.vmap(draw)(keys))
     assert conds == {False: 1, True: 0}

@@ -1,4 +1,4 @@
-"""Temperature + nucleus (top-p) sampling (`kvjax.generation._sample`) against a numpy
+"""Temperature + nucleus (top-p) sampling (`kvjax.generation.sample_tokens`) against a numpy
 reference of the nucleus, on both of its paths: the top-k candidates and the full ranking."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.generation import _sample
+from kvjax.generation import sample_tokens
 
 V = 16  # vocabulary of the test logits
 CANDIDATES = 4  # fewer than V, so both paths run
@@ -33,7 +33,7 @@ def reference_nucleus(logits: np.ndarray, temperature: float, top_p: float) -> n
 def draws(logits: np.ndarray, temperature: float, top_p: float, candidates: int, n: int = DRAWS) -> np.ndarray:
     """n samples [n, B] from logits [B, V], one key each."""
     keys = jax.random.split(jax.random.PRNGKey(7), n)
-    fn = jax.jit(jax.vmap(lambda key: _sample(jnp.asarray(logits, jnp.float32), key, jnp.float32(temperature),
+    fn = jax.jit(jax.vmap(lambda key: sample_tokens(jnp.asarray(logits, jnp.float32), key, jnp.float32(temperature),
                                               jnp.float32(top_p), False, candidates)))
     return np.asarray(fn(keys))
 
