@@ -8,6 +8,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+
+class UsageError(Exception):
+    """A command-line mistake found after parsing (a missing file, flags that do not go
+    together); `main` reports it like argparse does: `kvjax CMD: error: ...`, exit status 2."""
+
+
 METHOD_HYPERPARAMETERS = {
     # CLI flag -> method field; a method receives only the fields it declares.
     "budget": int,
@@ -115,7 +121,7 @@ def _mesh_from_args(spec: str | None, batch: int):
         mesh = make_mesh(spec)
         check_batch(mesh, batch)
     except ValueError as e:
-        raise SystemExit(f"--mesh: {e}") from None
+        raise UsageError(f"--mesh: {e}") from None
     return mesh
 
 
@@ -123,11 +129,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kvjax.generation import chat_prompt, check_generation_args, generate
 
     if (args.prompt is None) == (args.prompt_file is None):
-        raise SystemExit("give exactly one of --prompt or --prompt-file")
+        raise UsageError("give exactly one of --prompt or --prompt-file")
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():
-            raise SystemExit(f"--prompt-file: no such file: {path}")
+            raise UsageError(f"--prompt-file: no such file: {path}")
         prompts = [path.read_text(encoding="utf-8")]
     else:
         prompts = args.prompt
@@ -166,14 +172,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.task == "perplexity":
         text = args.text or default_haystack_path()
         if text is None:
-            raise SystemExit("perplexity: give --text FILE (the default novel in ../shared/data is absent)")
+            raise UsageError("give --text FILE (the default novel in ../shared/data is absent)")
         rows = runner.run_perplexity(model, text, args.lengths, methods, score_tokens=args.score_tokens)
     else:
         try:
             rows = runner.run_task(model, args.task, args.lengths, args.depths, range(args.seeds), methods,
                                    haystack=args.haystack, max_new_tokens=args.max_new_tokens)
         except ContextTooShortError as e:
-            raise SystemExit(f"--lengths: {e}") from None
+            raise UsageError(f"--lengths: {e}") from None
     print(runner.format_table(runner.summarize(rows)))
     if args.output:
         path = runner.write_results(args.output, rows, task=args.task, model=args.model)
@@ -230,7 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         sample = make_sample("passkey", model.tokenizer, args.tokens, depth=0.4, seed=7)
     except ContextTooShortError as e:
-        raise SystemExit(f"--tokens: {e}") from None
+        raise UsageError(f"--tokens: {e}") from None
     if not args.json:
         print(f"prompt: {sample.context_tokens} tokens with a pass key hidden at 40% depth; "
               f"the question is fed token by token after prefill. One dense prefill is shared by "
@@ -286,7 +292,7 @@ def _stream_method(args: argparse.Namespace):
     unknown = sorted(set(given) - fields)
     if unknown:
         flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
-        raise SystemExit(f"--method {args.method} does not take {flags}")
+        raise UsageError(f"--method {args.method} does not take {flags}")
     return cls(**given)
 
 
@@ -295,14 +301,14 @@ def _load_vision_model(directory: str):
 
     path = Path(directory).expanduser()
     if not path.is_dir():
-        raise SystemExit(f"--model: no such directory: {path}")
+        raise UsageError(f"--model: no such directory: {path}")
     if not is_llava_onevision(path):
-        raise SystemExit(f"--model: {path} is not a LLaVA-OneVision directory (its config.json must say "
+        raise UsageError(f"--model: {path} is not a LLaVA-OneVision directory (its config.json must say "
                          "model_type: llava_onevision)")
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     model = load_vision_model(path)
     if model.tokenizer is None:
-        raise SystemExit(f"--model: {path} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+        raise UsageError(f"--model: {path} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
     return model
 
 
@@ -330,9 +336,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from kvjax.stream import StreamSession
 
     if not Path(args.video).is_file():
-        raise SystemExit(f"--video: no such file: {args.video}")
+        raise UsageError(f"--video: no such file: {args.video}")
     if not args.ask and not args.interactive:
-        raise SystemExit("give --ask QUESTION (one or more) or --interactive (questions from stdin)")
+        raise UsageError("give --ask QUESTION (one or more) or --interactive (questions from stdin)")
     method = _stream_method(args)
     check_generation_args(args.max_new_tokens, 0.0, 1.0)  # before the model loads
     session = StreamSession(_load_vision_model(args.model), method)
@@ -458,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         enable_compilation_cache()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"kvjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 
