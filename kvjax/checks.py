@@ -35,6 +35,5 @@ def plain_numbers(instance: Any) -> None:
         value = getattr(instance, field.name)
         if is_integer(value) and type(value) is not int:
             object.__setattr__(instance, field.name, int(value))
-        elif isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) \
-                and type(value) is not float:
+        elif isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and type(value) is not float:
             object.__setattr__(instance, field.name, float(value))
