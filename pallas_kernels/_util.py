@@ -74,3 +74,43 @@ def refuse_unverified_gpu(kernel: str, interpret: bool, why: str) -> None:
     raise NotImplementedError(
         f"the Pallas kernel {kernel} is not verified on GPUs ({why}); use impl='xla' on GPUs, or set "
         f"{ALLOW_UNVERIFIED_ENV}=1 to run it against its reference (tests/pallas_kernels)")
+
+
+_KINDS = {"float": jnp.floating, "int": jnp.integer, "bool": jnp.bool_}
+
+
+def check_operands(op: str, known: dict[str, tuple[str, int]] | None = None,
+                   **operands: tuple[Any, str, str]) -> dict[str, int]:
+    """Check each operand's layout and dtype kind before any kernel or reference sees it.
+
+    `operands`: name -> (array, layout, kind), e.g. `k=(k, "B Hkv S d", "float")`; a
+    dimension named twice must agree everywhere, and kind is "float", "int" or "bool".
+    `known` fixes dimensions that a scalar argument sets (`{"block": ("block_size", 16)}`).
+    The checks run while tracing (shapes are static), so they cost nothing at run time; they
+    turn a mismatch, which the Pallas kernels would otherwise read past silently and the
+    references report as a reshape or broadcasting error, into one that names the operand
+    and the dimension. Returns the dimension sizes.
+    """
+    sizes = {dim: size for dim, (_, size) in (known or {}).items()}
+    source = {dim: f"{argument}={size}" for dim, (argument, size) in (known or {}).items()}
+    for name, (array, layout, kind) in operands.items():
+        dims = layout.split()
+        shape = tuple(getattr(array, "shape", ()))
+        if len(shape) != len(dims):
+            raise ValueError(f"{op}: {name} must be [{', '.join(dims)}], got shape {shape}")
+        for dim, size in zip(dims, shape):
+            if dim in sizes and sizes[dim] != size:
+                raise ValueError(f"{op}: {name} has {dim}={size} (shape {shape}, [{', '.join(dims)}]), "
+                                 f"but {source[dim]}")
+            if dim not in sizes:
+                sizes[dim], source[dim] = size, f"{name} has {dim}={size}"
+        dtype = getattr(array, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, _KINDS[kind]):
+            raise TypeError(f"{op}: {name} must hold {kind} values, got dtype {dtype}")
+    return sizes
+
+
+def check_query_groups(op: str, num_heads: int, num_kv_heads: int) -> None:
+    """Query heads share KV heads in equal groups (GQA): Hq must be a multiple of Hkv."""
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"{op}: q has Hq={num_heads} heads, not a multiple of the Hkv={num_kv_heads} KV heads")

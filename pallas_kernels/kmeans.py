@@ -13,7 +13,14 @@ import jax
 import jax.experimental.pallas as pl
 import jax.numpy as jnp
 
-from pallas_kernels._util import check_impl, next_power_of_2, pad_axis, refuse_unverified_gpu, tiled_block_spec
+from pallas_kernels._util import (
+    check_impl,
+    check_operands,
+    next_power_of_2,
+    pad_axis,
+    refuse_unverified_gpu,
+    tiled_block_spec,
+)
 from pallas_kernels.compat import SQUEEZED, compiler_params, resolve_interpret
 
 NORM_EPS = 1e-12
@@ -39,6 +46,18 @@ def assign_block_keys(n: int, num_clusters: int) -> int:
     return min(n, max(128, 1 << (per_block.bit_length() - 1)))  # a power of two
 
 
+def check_assign_operands(keys, centroids, token_valid, cluster_valid) -> None:
+    """Refuse operands whose shapes or dtypes do not fit together, naming the operand."""
+    check_operands("kmeans_assign", keys=(keys, "G n d", "float"), centroids=(centroids, "G C d", "float"),
+                   token_valid=(token_valid, "G n", "bool"), cluster_valid=(cluster_valid, "G C", "bool"))
+
+
+def check_update_operands(keys, labels, centroids) -> None:
+    """Refuse operands whose shapes or dtypes do not fit together, naming the operand."""
+    check_operands("kmeans_update", keys=(keys, "G n d", "float"), labels=(labels, "G n", "int"),
+                   centroids=(centroids, "G C d", "float"))
+
+
 def kmeans_assign_reference(
     keys: jax.Array, centroids: jax.Array, token_valid: jax.Array, cluster_valid: jax.Array
 ) -> jax.Array:
@@ -54,6 +73,7 @@ def kmeans_assign_reference(
     first maximum is a max over clusters, then the smallest cluster id reaching it (the same
     max/iota/min as the Pallas kernel), two reductions that vectorise over the keys.
     """
+    check_assign_operands(keys, centroids, token_valid, cluster_valid)
     g, n = keys.shape[:2]
     num_clusters = centroids.shape[1]
     if n == 0:
@@ -97,6 +117,7 @@ def kmeans_update_reference(
     keys [G, n, d], labels [G, n] in [0, C] (C = no cluster), centroids [G, C, d] (kept for
     empty clusters) -> (centroids [G, C, d] float32, sizes [G, C] int32).
     """
+    check_update_operands(keys, labels, centroids)
     num_clusters = centroids.shape[1]
     # Labelled-out keys may be NaN/Inf: zero them so they cannot reach any sum.
     clean = jnp.where((labels < num_clusters)[..., None], keys.astype(jnp.float32), 0.0)
@@ -208,6 +229,7 @@ def kmeans_assign_pallas(
     for its dot, no argmax primitive, comparisons instead of isfinite) and Mosaic TPU
     (whole-C centroid block in VMEM).
     """
+    check_assign_operands(keys, centroids, token_valid, cluster_valid)
     interpret = resolve_interpret(interpret)
     refuse_unverified_gpu("kmeans_assign", interpret, "wrong labels on an H100 before its blocks were padded")
     return _kmeans_assign_pallas(
@@ -322,6 +344,7 @@ def kmeans_update_pallas(
     with `emit_pipeline`). The one-hot matmul does C * n * d multiply-adds per problem
     (the reference's scatter-add does n * d): dense, atomic-free work instead.
     """
+    check_update_operands(keys, labels, centroids)
     interpret = resolve_interpret(interpret)
     refuse_unverified_gpu("kmeans_update", interpret, "wrong sums on an H100 before its blocks were padded")
     return _kmeans_update_pallas(

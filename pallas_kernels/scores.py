@@ -24,8 +24,30 @@ import jax
 import jax.experimental.pallas as pl
 import jax.numpy as jnp
 
-from pallas_kernels._util import check_impl, next_power_of_2, pad_axis, refuse_unverified_gpu, tiled_block_spec
+from pallas_kernels._util import (
+    check_impl,
+    check_operands,
+    check_query_groups,
+    next_power_of_2,
+    pad_axis,
+    refuse_unverified_gpu,
+    tiled_block_spec,
+)
 from pallas_kernels.compat import SQUEEZED, compiler_params, page_bounds_as_matmuls, resolve_interpret
+
+
+def check_centroid_operands(q, centroids, valid) -> None:
+    """Refuse operands whose shapes or dtypes do not fit together, naming the operand."""
+    sizes = check_operands("centroid_scores", q=(q, "B Hq d", "float"), centroids=(centroids, "B Hkv C d", "float"),
+                           valid=(valid, "B Hkv C", "bool"))
+    check_query_groups("centroid_scores", sizes["Hq"], sizes["Hkv"])
+
+
+def check_page_operands(q, page_min, page_max, valid) -> None:
+    """Refuse operands whose shapes or dtypes do not fit together, naming the operand."""
+    sizes = check_operands("page_scores", q=(q, "B Hq d", "float"), page_min=(page_min, "B Hkv P d", "float"),
+                           page_max=(page_max, "B Hkv P d", "float"), valid=(valid, "B Hkv P", "bool"))
+    check_query_groups("page_scores", sizes["Hq"], sizes["Hkv"])
 
 
 def _grouped(q: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -36,6 +58,7 @@ def _grouped(q: jax.Array, num_kv_heads: int) -> jax.Array:
 def centroid_scores_reference(q: jax.Array, centroids: jax.Array, valid: jax.Array) -> jax.Array:
     """Raw dot products `q_h . mu_c`: q [B, Hq, d], centroids [B, Hkv, C, d], valid
     [B, Hkv, C] bool -> [B, Hq, C] float32."""
+    check_centroid_operands(q, centroids, valid)
     b, hkv, c, _ = centroids.shape
     s = jnp.einsum("bhgd,bhcd->bhgc", _grouped(q, hkv), centroids.astype(jnp.float32))
     return jnp.where(valid[:, :, None], s, -jnp.inf).reshape(b, -1, c)
@@ -48,6 +71,7 @@ def page_scores_reference(
 
     q [B, Hq, d], page_min/page_max [B, Hkv, P, d], valid [B, Hkv, P] bool -> [B, Hq, P].
     """
+    check_page_operands(q, page_min, page_max, valid)
     b, hkv, p, _ = page_min.shape
     qg = _grouped(q, hkv)[:, :, :, None, :]
     lo = qg * page_min.astype(jnp.float32)[:, :, None]
@@ -70,6 +94,7 @@ def page_scores_matmul(
     (`bench/page_scores.py`); `page_scores` uses this form there only
     (`compat.page_bounds_as_matmuls`).
     """
+    check_page_operands(q, page_min, page_max, valid)
     b, hkv, p, _ = page_min.shape
     qg = _grouped(q, hkv)
     product = functools.partial(jnp.einsum, "bhgd,bhpd->bhgp", precision=jax.lax.Precision.HIGHEST)
@@ -164,6 +189,7 @@ def centroid_scores_pallas(
 
     Verification status and GPU design: see the module docstring.
     """
+    check_centroid_operands(q, centroids, valid)
     interpret = resolve_interpret(interpret)
     if centroids.dtype != jnp.float32:
         refuse_unverified_gpu("centroid_scores", interpret, f"{centroids.dtype} centroids were wrong on an H100")
@@ -186,6 +212,7 @@ def page_scores_pallas(
 
     Verification status and GPU design: see the module docstring.
     """
+    check_page_operands(q, page_min, page_max, valid)
     interpret = resolve_interpret(interpret)
     if page_min.dtype != jnp.float32:
         refuse_unverified_gpu("page_scores", interpret, f"{page_min.dtype} digests were wrong on an H100")

@@ -14,7 +14,14 @@ import jax
 import jax.experimental.pallas as pl
 import jax.numpy as jnp
 
-from pallas_kernels._util import check_impl, next_power_of_2, pad_axis, tiled_block_spec
+from pallas_kernels._util import (
+    check_impl,
+    check_operands,
+    check_query_groups,
+    next_power_of_2,
+    pad_axis,
+    tiled_block_spec,
+)
 from pallas_kernels.compat import (
     SQUEEZED,
     compiler_params,
@@ -25,6 +32,23 @@ from pallas_kernels.compat import (
 
 # Score of masked entries; a part with nothing valid gets lse ~ MASKED and weight 0 when merged.
 MASKED = -1e30
+
+
+def check_attention_operands(q, k, v, indices, valid, block_size: int) -> None:
+    """Refuse operands whose shapes or dtypes do not fit together, naming the operand."""
+    op = "sparse_decode_attention"
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"{op}: block_size must be an integer >= 1, got {block_size!r}")
+    valid_layout = "B Hq n block" if getattr(valid, "ndim", 0) == 4 else "B Hq n"
+    sizes = check_operands(
+        op, {"block": ("block_size", block_size)},
+        q=(q, "B Hq d", "float"), k=(k, "B Hkv S d", "float"), v=(v, "B Hkv S d", "float"),
+        indices=(indices, "B Hq n", "int"), valid=(valid, valid_layout, "bool"),
+    )
+    check_query_groups(op, sizes["Hq"], sizes["Hkv"])
+    if sizes["S"] % block_size:
+        raise ValueError(f"{op}: the cache length S={sizes['S']} of k and v is not a multiple of "
+                         f"block_size={block_size}")
 
 
 def sparse_decode_attention_reference(
@@ -42,6 +66,7 @@ def sparse_decode_attention_reference(
     [B, Hq, n, block_size] bool. Returns (out [B, Hq, d] float32, lse [B, Hq] float32) with
     scores scaled by 1/sqrt(d).
     """
+    check_attention_operands(q, k, v, indices, valid, block_size)
     b, hq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -131,8 +156,6 @@ def _sparse_decode_attention_pallas(
     bs = block_size
     if n == 0:
         raise ValueError("sparse_decode_attention needs at least one selected block (n >= 1)")
-    if s % bs:
-        raise ValueError(f"cache length {s} is not a multiple of block_size={bs}")
     num_blocks = s // bs
     # Blocks per chunk: a power of two, at most `chunk` cache slots, no more than n needs.
     cb = min(1 << (max(1, chunk // bs).bit_length() - 1), next_power_of_2(n))
@@ -235,6 +258,7 @@ def sparse_decode_attention_pallas(
     version would keep K/V in HBM (`memory_space=pl.ANY`) and DMA the selected blocks.
     Block size 1 means one [1, d] load per token, which is slow on every backend.
     """
+    check_attention_operands(q, k, v, indices, valid, block_size)
     interpret = resolve_interpret(interpret)
     return _sparse_decode_attention_pallas(
         q,
