@@ -2,8 +2,11 @@
 
 Each operation has a reference (`*_reference`, pure jnp, the semantics), a Pallas kernel
 (`*_pallas`, interpret mode on CPU) and a dispatcher without suffix taking
-`impl="xla" | "pallas"`.
+`impl="xla" | "pallas"`. `check_operands` is the shape and dtype check they all run first
+(kvjax's methods use it for their own inputs too).
 """
+
+from pallas_kernels._util import check_operands, check_query_groups
 
 from pallas_kernels.kmeans import (
     kmeans_assign,
@@ -33,6 +36,8 @@ __all__ = [
     "MASKED",
     "centroid_scores",
     "centroid_scores_pallas",
+    "check_operands",
+    "check_query_groups",
     "centroid_scores_reference",
     "kmeans_assign",
     "kmeans_assign_pallas",

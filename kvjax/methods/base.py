@@ -34,6 +34,7 @@ from kvjax.attention import causal_attention
 from kvjax.cache import CacheSpec
 from kvjax.checks import plain_numbers
 from kvjax.compat import prefix_sums_as_scan
+from pallas_kernels import check_operands, check_query_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Method:
         raise NotImplementedError
 
     def prefill(self, layer: int, cache: Any, q, k, v, lengths) -> tuple[jax.Array, Any]:
+        check_layer_inputs(self, cache, k, v, lengths, q=q)
         return causal_attention(q, k, v, lengths), self.ingest(layer, cache, k, v, lengths)
 
     def ingest(self, layer: int, cache: Any, k, v, lengths) -> Any:
@@ -133,6 +135,28 @@ def write_prompt(buffer: jax.Array, x: jax.Array) -> jax.Array:
     if t > buffer.shape[2]:
         raise ValueError(f"prompt of {t} tokens exceeds the cache capacity {buffer.shape[2]}")
     return buffer.at[:, :, :t].set(to_head_major(x, buffer.dtype))
+
+
+def check_layer_inputs(method: Method, cache: Any, k, v, lengths, q=None, *, decode: bool = False) -> None:
+    """Refuse a layer's inputs that do not fit its cache or each other, naming the argument.
+
+    Prompt: q [B, T, Hq, d], k/v [B, T, Hkv, d]; decode step (`decode=True`): q [B, Hq, d],
+    k/v [B, Hkv, d]; lengths [B] integers; the cache's `k` buffer [B, Hkv, slots, d] fixes
+    B, Hkv and d. `models.llama` builds consistent inputs itself; this is for a model brought
+    to kvjax that calls `prefill` / `attend` directly, where a wrong head count or batch
+    would otherwise be dropped or broadcast silently by the cache writes. Shapes are static:
+    no run-time cost.
+    """
+    b, hkv, _, d = cache.k.shape
+    known = {"B": ("the cache has B", b), "Hkv": ("the cache has Hkv", hkv), "d": ("the cache has d", d)}
+    layout = "B {} d" if decode else "B T {} d"
+    operands = {"k": (k, layout.format("Hkv"), "float"), "v": (v, layout.format("Hkv"), "float"),
+                "lengths": (lengths, "B", "int")}
+    if q is not None:
+        operands["q"] = (q, layout.format("Hq"), "float")
+    sizes = check_operands(f"{method.name} layer inputs", known, **operands)
+    if q is not None:
+        check_query_groups(f"{method.name} layer inputs", sizes["Hq"], hkv)
 
 
 def check_method(method: Any) -> None:

@@ -10,7 +10,7 @@ from flax import struct
 
 from kvjax.attention import decode_attention
 from kvjax.cache import BATCH, HEADS, CacheSpec, axes
-from kvjax.methods.base import Method, empty_kv, write_prompt, write_token
+from kvjax.methods.base import Method, check_layer_inputs, empty_kv, write_prompt, write_token
 
 
 @struct.dataclass
@@ -29,9 +29,11 @@ class Full(Method):
         return DenseLayerCache(*empty_kv(spec, spec.capacity))
 
     def ingest(self, layer, cache: DenseLayerCache, k, v, lengths):
+        check_layer_inputs(self, cache, k, v, lengths)
         return DenseLayerCache(write_prompt(cache.k, k), write_prompt(cache.v, v))
 
     def attend(self, layer, cache: DenseLayerCache, q, k, v, lengths):
+        check_layer_inputs(self, cache, k, v, lengths, q, decode=True)
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         valid = jnp.arange(cache.k.shape[2])[None, :] < lengths[:, None]
         out = decode_attention(q, cache.k, cache.v, valid, current=(k, v))

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from kvjax.cache import CacheSpec
-from kvjax.methods.base import Method, check_int
+from kvjax.methods.base import Method, check_int, check_layer_inputs
 from kvjax.methods.full import Full
 
 IMPLS = ("xla", "pallas")
@@ -35,11 +35,13 @@ class SparseMethod(Method):
         return self.sparse_init_cache(layer, spec)
 
     def ingest(self, layer, cache, k, v, lengths):
+        check_layer_inputs(self, cache, k, v, lengths)
         if layer < self.dense_layers:
             return _DENSE.ingest(layer, cache, k, v, lengths)
         return self.sparse_ingest(layer, cache, k, v, lengths)
 
     def attend(self, layer, cache, q, k, v, lengths):
+        check_layer_inputs(self, cache, k, v, lengths, q, decode=True)
         if layer < self.dense_layers:
             return _DENSE.attend(layer, cache, q, k, v, lengths)
         return self.sparse_attend(layer, cache, q, k, v, lengths)

@@ -17,7 +17,7 @@ from flax import struct
 
 from kvjax.attention import decode_attention
 from kvjax.cache import BATCH, HEADS, CacheSpec, axes
-from kvjax.methods.base import Method, check_int, empty_kv, to_head_major, write_token
+from kvjax.methods.base import Method, check_int, check_layer_inputs, empty_kv, to_head_major, write_token
 
 
 @struct.dataclass
@@ -52,6 +52,7 @@ class StreamingLLM(Method):
         return RingLayerCache(k, v, jnp.full((spec.batch, self.budget), -1, jnp.int32))
 
     def ingest(self, layer, cache: RingLayerCache, k, v, lengths):
+        check_layer_inputs(self, cache, k, v, lengths)
         # For every slot, the latest prompt position that maps to it (or -1).
         slots = jnp.arange(self.budget)
         ring_index = slots - self.sink
@@ -65,6 +66,7 @@ class StreamingLLM(Method):
         return RingLayerCache(new_k, new_v, pos.astype(jnp.int32))
 
     def attend(self, layer, cache: RingLayerCache, q, k, v, lengths):
+        check_layer_inputs(self, cache, k, v, lengths, q, decode=True)
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         slot = self.slot_of(lengths)
         # The token in the current token's slot is the one being evicted: not attended.

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax import Full, StreamingLLM, init_cache
+from kvjax import CacheSpec, ClusterKV, FreeKV, Full, Quest, StreamingLLM, init_cache
 from kvjax.attention import causal_attention, decode_attention
 from kvjax.methods import make_method
 from tests.kvjax.method_harness import (
@@ -149,7 +149,7 @@ def test_numpy_hyperparameters_become_python_numbers():
     equals and hashes like the literal one, and describes itself as plain JSON."""
     import json
 
-    from kvjax import ClusterKV, FreeKV, LiveVLM
+    from kvjax import LiveVLM
 
     for numpy_made, literal in [
         (StreamingLLM(budget=np.int64(32), sink=np.int32(2)), StreamingLLM(budget=32, sink=2)),
@@ -175,8 +175,6 @@ def test_numpy_hyperparameters_become_python_numbers():
 def test_cache_spec_rejects_impossible_sizes(kwargs, error, match):
     """A spec written by hand (a model brought to kvjax) fails where it is written, naming the
     field, not as a shape error inside a method's jitted step."""
-    from kvjax.cache import CacheSpec
-
     sizes = dict(batch=1, capacity=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
     CacheSpec(**sizes, dtype=jnp.bfloat16, prompt_capacity=np.int64(16))  # numpy integers are fine
     with pytest.raises(error, match=match):
@@ -194,3 +192,42 @@ def test_init_cache_refuses_arguments_of_the_wrong_type():
         init_cache("full", spec)
     with pytest.raises(TypeError, match=r"spec must be a CacheSpec\(batch=\.\.\., .* got \{'batch': 1\}"):
         init_cache(StreamingLLM(budget=16), {"batch": 1})
+
+
+@pytest.mark.parametrize("method", [
+    Full(), StreamingLLM(budget=32), Quest(budget=64, page_size=8, dense_layers=1),
+    ClusterKV(budget=64, sink=4, window=16, window_clusters=2, dense_layers=1),
+    ClusterKV(budget=64, sink=4, window=16, window_clusters=2, dense_layers=1, offload=True),
+    FreeKV(budget=64, page_size=8, sink=8, recent=16, dense_layers=1),
+    FreeKV(budget=64, page_size=8, sink=8, recent=16, dense_layers=1, offload=True),
+], ids=lambda m: m.name + ("-offload" if getattr(m, "offload", False) else ""))
+def test_layer_inputs_that_do_not_fit_the_cache_are_refused(method):
+    """For a model brought to kvjax (calling prefill/attend itself): a batch, head count, head
+    size or lengths dtype that does not fit the cache is refused by name. Before, a smaller
+    batch was broadcast into the cache and extra KV heads were dropped by its writes, with no
+    error."""
+    b, t, hq, hkv, d = 2, 40, 4, 2, 16
+    cache_spec = CacheSpec(batch=b, capacity=128, num_layers=2, num_heads=hq, num_kv_heads=hkv, head_dim=d)
+    rng = np.random.default_rng(0)
+    x = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    lengths = jnp.array([t, t - 3])
+    layer = 1  # sparse for the sparse methods
+    cache = method.init_cache(layer, cache_spec)
+    name = method.name
+    with pytest.raises(ValueError, match=rf"{name} layer inputs: k has B=1 .*, but the cache has B=2"):
+        method.prefill(layer, cache, x(1, t, hq, d), x(1, t, hkv, d), x(1, t, hkv, d), lengths[:1])
+    with pytest.raises(ValueError, match=rf"{name} layer inputs: k has Hkv=3 .*, but the cache has Hkv=2"):
+        method.prefill(layer, cache, x(b, t, 6, d), x(b, t, 3, d), x(b, t, 3, d), lengths)
+    with pytest.raises(TypeError, match=rf"{name} layer inputs: lengths must hold int values"):
+        method.prefill(layer, cache, x(b, t, hq, d), x(b, t, hkv, d), x(b, t, hkv, d), lengths.astype(jnp.float32))
+    with pytest.raises(ValueError, match="q has Hq=3 heads, not a multiple of the Hkv=2 KV heads"):
+        method.prefill(layer, cache, x(b, t, 3, d), x(b, t, hkv, d), x(b, t, hkv, d), lengths)
+    _, cache = method.prefill(layer, cache, x(b, t, hq, d), x(b, t, hkv, d), x(b, t, hkv, d), lengths)
+    with pytest.raises(ValueError, match=rf"{name} layer inputs: k has Hkv=3 .*, but the cache has Hkv=2"):
+        method.attend(layer, cache, x(b, 6, d), x(b, 3, d), x(b, 3, d), lengths)
+    with pytest.raises(ValueError, match=rf"{name} layer inputs: k must be \[B, Hkv, d\], got shape \(2, 1, 2, 16\)"):
+        method.attend(layer, cache, x(b, 1, hq, d), x(b, 1, hkv, d), x(b, 1, hkv, d), lengths)
+    with pytest.raises(ValueError, match=rf"{name} layer inputs: q has d=8 .*, but the cache has d=16"):
+        method.attend(layer, cache, x(b, hq, 8), x(b, hkv, d), x(b, hkv, d), lengths)
+    out, _ = method.attend(layer, cache, x(b, hq, d), x(b, hkv, d), x(b, hkv, d), lengths)
+    assert out.shape == (b, hq, d)
