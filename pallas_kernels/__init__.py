@@ -7,7 +7,6 @@ Each operation has a reference (`*_reference`, pure jnp, the semantics), a Palla
 """
 
 from pallas_kernels._util import check_operands, check_query_groups
-
 from pallas_kernels.kmeans import (
     kmeans_assign,
     kmeans_assign_pallas,
@@ -36,9 +35,9 @@ __all__ = [
     "MASKED",
     "centroid_scores",
     "centroid_scores_pallas",
+    "centroid_scores_reference",
     "check_operands",
     "check_query_groups",
-    "centroid_scores_reference",
     "kmeans_assign",
     "kmeans_assign_pallas",
     "kmeans_assign_reference",
