@@ -1,9 +1,10 @@
 """Argument checks shared by the public entry points; each error names the argument.
 
 `is_integer` is what "an integer" means for sizes and counts (`CacheSpec`, `generate`,
-`perplexity`, `StreamSession`, method hyperparameters): Python and numpy integers, not bools.
-Methods keep their hyperparameters as plain Python numbers (`plain_numbers`), so that
-`Method.describe` writes them to JSON and equal methods hash alike as jit static arguments.
+`perplexity`, `StreamSession`, method hyperparameters through `check_count`): Python and
+numpy integers, not bools. Methods keep their hyperparameters as plain Python numbers
+(`plain_numbers`), so that `Method.describe` writes them to JSON and equal methods hash alike
+as jit static arguments.
 """
 
 from __future__ import annotations

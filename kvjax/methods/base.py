@@ -165,12 +165,6 @@ def check_method(method: Any) -> None:
         raise TypeError(f"method must be a kvjax Method (Full(), ClusterKV(...), ...), got {method!r}")
 
 
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """Validate an integer hyperparameter with an error naming it and the allowed range."""
-    if not isinstance(value, (int,)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def empty_kv(spec: CacheSpec, slots: int) -> tuple[jax.Array, jax.Array]:
     shape = (spec.batch, spec.num_kv_heads, slots, spec.head_dim)
     return jnp.zeros(shape, spec.dtype), jnp.zeros(shape, spec.dtype)

@@ -38,6 +38,7 @@ from flax import struct
 import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import BATCH, HEADS, CacheSpec, axes
+from kvjax.checks import check_count
 from kvjax.clustering import INITS, cluster_keys
 from kvjax.compat import (
     conditionals_sync_host,
@@ -48,7 +49,6 @@ from kvjax.compat import (
     to_host,
 )
 from kvjax.methods.base import (
-    check_int,
     empty_kv,
     prefix_sum,
     read_tokens,
@@ -131,13 +131,13 @@ class ClusterKV(SparseMethod):
 
     def check_hyperparameters(self) -> None:
         super().check_hyperparameters()
-        check_int("sink", self.sink, 0)
-        check_int("budget", self.budget, self.sink + 1)
-        check_int("tokens_per_cluster", self.tokens_per_cluster, 1)
-        check_int("kmeans_iters", self.kmeans_iters, 0)
-        check_int("window_clusters", self.window_clusters, 1)
-        check_int("window", self.window, self.window_clusters)
-        check_int("kmeans_seed", self.kmeans_seed, 0)
+        check_count("sink", self.sink, 0)
+        check_count("budget", self.budget, self.sink + 1)
+        check_count("tokens_per_cluster", self.tokens_per_cluster, 1)
+        check_count("kmeans_iters", self.kmeans_iters, 0)
+        check_count("window_clusters", self.window_clusters, 1)
+        check_count("window", self.window, self.window_clusters)
+        check_count("kmeans_seed", self.kmeans_seed, 0)
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.init not in INITS:

@@ -73,9 +73,9 @@ from flax import struct
 import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import BATCH, HEADS, CacheSpec, axes
+from kvjax.checks import check_count
 from kvjax.compat import conditionals_sync_host, from_host_bits, host_bits, host_take_rows, to_host
 from kvjax.methods.base import (
-    check_int,
     empty_kv,
     prefix_sum,
     read_tokens,
@@ -142,15 +142,15 @@ class FreeKV(SparseMethod):
 
     def check_hyperparameters(self) -> None:
         super().check_hyperparameters()
-        check_int("page_size", self.page_size, 1)
-        check_int("sink", self.sink, 0)
-        check_int("recent", self.recent, self.page_size)
+        check_count("page_size", self.page_size, 1)
+        check_count("sink", self.sink, 0)
+        check_count("recent", self.recent, self.page_size)
         for name in ("sink", "recent"):
             if getattr(self, name) % self.page_size:
                 raise ValueError(
                     f"{name} must be a multiple of page_size={self.page_size}, got {getattr(self, name)}"
                 )
-        check_int("budget", self.budget, self.sink + self.recent + self.page_size)
+        check_count("budget", self.budget, self.sink + self.recent + self.page_size)
         if (self.budget - self.sink - self.recent) % self.page_size:
             raise ValueError(
                 f"budget must be sink + recent + k * page_size with k >= 1 "
@@ -159,7 +159,7 @@ class FreeKV(SparseMethod):
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 < self.tau <= 1:
             raise ValueError(f"tau must be a number in (0, 1], got {self.tau!r}")
         if self.prefetch_pages is not None:
-            check_int("prefetch_pages", self.prefetch_pages, 1)
+            check_count("prefetch_pages", self.prefetch_pages, 1)
         for name in ("speculative", "offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -40,7 +40,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kvjax.methods.base import check_int
+from kvjax.checks import check_count
 from kvjax.methods.stream_memory import (
     Moved, Segment, StreamLayer, StreamLayout, StreamMethod, StreamState, append_slots, mean_query,
 )
@@ -164,12 +164,12 @@ class LiveVLM(StreamMethod):
     def check_hyperparameters(self) -> None:
         super().check_hyperparameters()
         if self.memory_tokens is not None:
-            check_int("memory_tokens", self.memory_tokens, 1)
-        check_int("bucket_size", self.bucket_size, 1)
-        check_int("score_queries", self.score_queries, 1)
+            check_count("memory_tokens", self.memory_tokens, 1)
+        check_count("bucket_size", self.bucket_size, 1)
+        check_count("score_queries", self.score_queries, 1)
         if self.vsb_score not in VSB_SCORES:
             raise ValueError(f"vsb_score must be one of {VSB_SCORES}, got {self.vsb_score!r}")
-        check_int("page_size", self.page_size, 1)
+        check_count("page_size", self.page_size, 1)
         if not isinstance(self.sink_fraction, (int, float)) or not 0.0 <= self.sink_fraction <= 1.0:
             raise ValueError(f"sink_fraction must be in [0, 1], got {self.sink_fraction!r}")
         if not isinstance(self.retrieve_ratio, (int, float)) or not 0.0 < self.retrieve_ratio <= 1.0:

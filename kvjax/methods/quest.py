@@ -17,7 +17,8 @@ from flax import struct
 import pallas_kernels as pk
 from kvjax.attention import attention_part, current_token_part, merge_parts
 from kvjax.cache import BATCH, HEADS, CacheSpec, axes
-from kvjax.methods.base import check_int, empty_kv, read_tokens, write_prompt, write_token
+from kvjax.checks import check_count
+from kvjax.methods.base import empty_kv, read_tokens, write_prompt, write_token
 from kvjax.methods.sparse import SparseMethod
 from kvjax.pages import add_token, full_pages, write_prompt_digests
 
@@ -43,8 +44,8 @@ class Quest(SparseMethod):
 
     def check_hyperparameters(self) -> None:
         super().check_hyperparameters()
-        check_int("page_size", self.page_size, 1)
-        check_int("budget", self.budget, 2 * self.page_size)
+        check_count("page_size", self.page_size, 1)
+        check_count("budget", self.budget, 2 * self.page_size)
 
     @property
     def top_pages(self) -> int:

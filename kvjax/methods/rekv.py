@@ -16,8 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kvjax.checks import check_count
 from kvjax.compat import from_host_bits, host_bits, host_take_heads, to_host
-from kvjax.methods.base import check_int
 from kvjax.methods.stream_memory import (
     Moved, Segment, StreamLayer, StreamLayout, StreamMethod, StreamState, counts_before, mean_query,
 )
@@ -32,7 +32,7 @@ class ReKV(StreamMethod):
 
     def check_hyperparameters(self) -> None:
         super().check_hyperparameters()
-        check_int("retrieve_frames", self.retrieve_frames, 1)
+        check_count("retrieve_frames", self.retrieve_frames, 1)
 
     def frame_capacity(self, needed: int) -> int:
         return max(64, 1 << math.ceil(math.log2(max(needed, 1))))

@@ -11,7 +11,8 @@ import dataclasses
 from typing import Any
 
 from kvjax.cache import CacheSpec
-from kvjax.methods.base import Method, check_int, check_layer_inputs
+from kvjax.checks import check_count
+from kvjax.methods.base import Method, check_layer_inputs
 from kvjax.methods.full import Full
 
 IMPLS = ("xla", "pallas")
@@ -25,7 +26,7 @@ class SparseMethod(Method):
     impl: str = "xla"
 
     def check_hyperparameters(self) -> None:
-        check_int("dense_layers", self.dense_layers, 0)
+        check_count("dense_layers", self.dense_layers, 0)
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
 

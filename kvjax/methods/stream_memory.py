@@ -25,8 +25,7 @@ import numpy as np
 from flax import struct
 
 from kvjax.cache import HEADS, axes
-from kvjax.checks import plain_numbers
-from kvjax.methods.base import check_int
+from kvjax.checks import check_count, plain_numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +112,8 @@ class StreamMethod:
     def check_hyperparameters(self) -> None:
         """Raise ValueError naming the parameter when a hyperparameter is invalid on its own.
         Runs on construction, so `LiveVLM(short_frames=0)` fails where it is written."""
-        check_int("short_frames", self.short_frames, 1)
-        check_int("clip_frames", self.clip_frames, 1)
+        check_count("short_frames", self.short_frames, 1)
+        check_count("clip_frames", self.clip_frames, 1)
 
     def validate(self, layout: StreamLayout) -> None:
         """Raise ValueError naming the parameter when the hyperparameters cannot work with

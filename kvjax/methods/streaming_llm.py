@@ -17,7 +17,8 @@ from flax import struct
 
 from kvjax.attention import decode_attention
 from kvjax.cache import BATCH, HEADS, CacheSpec, axes
-from kvjax.methods.base import Method, check_int, check_layer_inputs, empty_kv, to_head_major, write_token
+from kvjax.checks import check_count
+from kvjax.methods.base import Method, check_layer_inputs, empty_kv, to_head_major, write_token
 
 
 @struct.dataclass
@@ -35,8 +36,8 @@ class StreamingLLM(Method):
     name = "streaming_llm"
 
     def check_hyperparameters(self) -> None:
-        check_int("sink", self.sink, 0)
-        check_int("budget", self.budget, self.sink + 1)
+        check_count("sink", self.sink, 0)
+        check_count("budget", self.budget, self.sink + 1)
 
     @property
     def window(self) -> int:
