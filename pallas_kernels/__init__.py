@@ -6,7 +6,7 @@ Each operation has a reference (`*_reference`, pure jnp, the semantics), a Palla
 (kvjax's methods use it for their own inputs too).
 """
 
-from pallas_kernels._util import check_operands, check_query_groups
+from pallas_kernels._util import check_operands
 from pallas_kernels.kmeans import (
     kmeans_assign,
     kmeans_assign_pallas,
@@ -37,7 +37,6 @@ __all__ = [
     "centroid_scores_pallas",
     "centroid_scores_reference",
     "check_operands",
-    "check_query_groups",
     "kmeans_assign",
     "kmeans_assign_pallas",
     "kmeans_assign_reference",

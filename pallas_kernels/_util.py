@@ -86,6 +86,8 @@ def check_operands(op: str, known: dict[str, tuple[str, int]] | None = None,
     `operands`: name -> (array, layout, kind), e.g. `k=(k, "B Hkv S d", "float")`; a
     dimension named twice must agree everywhere, and kind is "float", "int" or "bool".
     `known` fixes dimensions that a scalar argument sets (`{"block": ("block_size", 16)}`).
+    Query heads share KV heads in equal groups (GQA): where both are named, Hq must be a
+    multiple of Hkv.
     The checks run while tracing (shapes are static), so they cost nothing at run time; they
     turn a mismatch, which the Pallas kernels would otherwise read past silently and the
     references report as a reshape or broadcasting error, into one that names the operand
@@ -107,10 +109,6 @@ def check_operands(op: str, known: dict[str, tuple[str, int]] | None = None,
         dtype = getattr(array, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, _KINDS[kind]):
             raise TypeError(f"{op}: {name} must hold {kind} values, got dtype {dtype}")
+    if "Hq" in sizes and "Hkv" in sizes and (sizes["Hkv"] < 1 or sizes["Hq"] % sizes["Hkv"]):
+        raise ValueError(f"{op}: {source['Hq']} heads, not a multiple of the Hkv={sizes['Hkv']} KV heads")
     return sizes
-
-
-def check_query_groups(op: str, num_heads: int, num_kv_heads: int) -> None:
-    """Query heads share KV heads in equal groups (GQA): Hq must be a multiple of Hkv."""
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"{op}: q has Hq={num_heads} heads, not a multiple of the Hkv={num_kv_heads} KV heads")

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 from pallas_kernels._util import (
     check_impl,
     check_operands,
-    check_query_groups,
     next_power_of_2,
     pad_axis,
     refuse_unverified_gpu,
@@ -38,16 +37,14 @@ from pallas_kernels.compat import SQUEEZED, compiler_params, page_bounds_as_matm
 
 def check_centroid_operands(q, centroids, valid) -> None:
     """Refuse operands whose shapes or dtypes do not fit together, naming the operand."""
-    sizes = check_operands("centroid_scores", q=(q, "B Hq d", "float"), centroids=(centroids, "B Hkv C d", "float"),
-                           valid=(valid, "B Hkv C", "bool"))
-    check_query_groups("centroid_scores", sizes["Hq"], sizes["Hkv"])
+    check_operands("centroid_scores", q=(q, "B Hq d", "float"), centroids=(centroids, "B Hkv C d", "float"),
+                   valid=(valid, "B Hkv C", "bool"))
 
 
 def check_page_operands(q, page_min, page_max, valid) -> None:
     """Refuse operands whose shapes or dtypes do not fit together, naming the operand."""
-    sizes = check_operands("page_scores", q=(q, "B Hq d", "float"), page_min=(page_min, "B Hkv P d", "float"),
-                           page_max=(page_max, "B Hkv P d", "float"), valid=(valid, "B Hkv P", "bool"))
-    check_query_groups("page_scores", sizes["Hq"], sizes["Hkv"])
+    check_operands("page_scores", q=(q, "B Hq d", "float"), page_min=(page_min, "B Hkv P d", "float"),
+                   page_max=(page_max, "B Hkv P d", "float"), valid=(valid, "B Hkv P", "bool"))
 
 
 def _grouped(q: jax.Array, num_kv_heads: int) -> jax.Array:

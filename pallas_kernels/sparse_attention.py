@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from pallas_kernels._util import (
     check_impl,
     check_operands,
-    check_query_groups,
     next_power_of_2,
     pad_axis,
     tiled_block_spec,
@@ -45,7 +44,6 @@ def check_attention_operands(q, k, v, indices, valid, block_size: int) -> None:
         q=(q, "B Hq d", "float"), k=(k, "B Hkv S d", "float"), v=(v, "B Hkv S d", "float"),
         indices=(indices, "B Hq n", "int"), valid=(valid, valid_layout, "bool"),
     )
-    check_query_groups(op, sizes["Hq"], sizes["Hkv"])
     if sizes["S"] % block_size:
         raise ValueError(f"{op}: the cache length S={sizes['S']} of k and v is not a multiple of "
                          f"block_size={block_size}")
