@@ -183,9 +183,6 @@ def test_cache_spec_rejects_impossible_sizes(kwargs, error, match):
 
 def test_init_cache_refuses_arguments_of_the_wrong_type():
     """A method name or a dict of sizes used to fail with "'str' object has no attribute 'validate'"."""
-    from kvjax import init_cache
-    from kvjax.cache import CacheSpec
-
     spec = CacheSpec(batch=1, capacity=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
     assert len(init_cache(StreamingLLM(budget=16), spec).layers) == 2
     with pytest.raises(TypeError, match=r"method must be a kvjax Method \(Full\(\), ClusterKV\(...\), ...\), got 'full'"):
