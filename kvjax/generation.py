@@ -16,11 +16,13 @@ in that layout; the results are the same as on one device.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import math
 import numbers
+import os
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +50,7 @@ LARGE_BUCKET = 1024  # above this, prompt buckets grow in steps of BUCKET_STEP
 BUCKET_STEP = 512  # the causal attention's block: long prompts are a whole number of blocks
 CAPACITY_ROUND = 64
 SAMPLE_CANDIDATES = 1024  # tokens ranked by `lax.top_k` before sampling falls back to a full sort
+COMPILE_THREADS_ENV = "KVJAX_COMPILE_THREADS"  # at most this many programs compile at once (default: cores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,14 +232,57 @@ def compiled(jitted, args: tuple, **static) -> tuple[Any, float]:
     Compiling ahead of time keeps compilation out of timed calls. Returns the executable and
     the seconds spent compiling it (0 when it was cached).
     """
-    leaves, treedef = jax.tree_util.tree_flatten(args)
-    shapes = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
-    key = (jitted, treedef, shapes, tuple(sorted(static.items(), key=str)))
-    if key in _EXECUTABLES:
-        return _EXECUTABLES[key], 0.0
-    t0 = time.perf_counter()
-    _EXECUTABLES[key] = jitted.lower(*args, **static).compile(compiler_options=compiler_options())
-    return _EXECUTABLES[key], time.perf_counter() - t0
+    return compiled_together([(jitted, args, static)])[0]
+
+
+def compile_threads() -> int:
+    """How many programs `compiled_together` compiles at once: `$KVJAX_COMPILE_THREADS`, else
+    the number of cores (each compilation uses one; more threads only add memory)."""
+    value = os.environ.get(COMPILE_THREADS_ENV, "").strip()
+    if not value:
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{COMPILE_THREADS_ENV} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def compiled_together(requests: Iterable[tuple[Any, tuple, dict[str, Any]]]) -> list[tuple[Any, float]]:
+    """`compiled` for several `(jitted, args, static)` programs, compiled concurrently.
+
+    XLA compiles in C++ with the GIL released and one core per program, so programs that
+    compile in a thread each take about as long as the slowest one when cores are free
+    (a method's decode loop: 20-90 s on a CPU). Tracing and lowering are Python and stay
+    sequential, overlapping the compilation of the programs lowered before. Each program's
+    seconds are its own lowering plus compilation (wall time, so programs compiled side by
+    side on busy cores each count the contention). At most `compile_threads()` compile at
+    once. `requests` may be a generator: each request is
+    lowered, then let go (its arrays can be freed) before the next is made.
+    """
+    def build(lowered, lower_s: float) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        return lowered.compile(compiler_options=compiler_options()), lower_s + time.perf_counter() - t0
+
+    results: dict[int, tuple[Any, float]] = {}
+    pending: dict[Any, tuple[list[int], concurrent.futures.Future]] = {}  # key -> (request indices, compilation)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=compile_threads()) as pool:
+        for i, (jitted, args, static) in enumerate(requests):
+            leaves, treedef = jax.tree_util.tree_flatten(args)
+            shapes = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+            key = (jitted, treedef, shapes, tuple(sorted(static.items(), key=str)))
+            if key in _EXECUTABLES:
+                results[i] = (_EXECUTABLES[key], 0.0)
+            elif key in pending:
+                pending[key][0].append(i)  # the same program twice: compiled once, counted once
+            else:  # lowered here, compiled in a thread while the next request is lowered
+                t0 = time.perf_counter()
+                lowered = jitted.lower(*args, **static)
+                pending[key] = ([i], pool.submit(build, lowered, time.perf_counter() - t0))
+        for key, ((first, *repeats), compilation) in pending.items():
+            exe, seconds = compilation.result()
+            _EXECUTABLES[key] = exe
+            results[first] = (exe, seconds)
+            results.update((i, (exe, 0.0)) for i in repeats)
+    return [results[i] for i in sorted(results)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +488,8 @@ def generate_many(
     """`generate` with each of `methods` on the same input, sharing one prefill.
 
     The prompt is prefilled once with `Full()`; every other method's cache is derived from
-    it (`convert`), so comparing methods costs one prefill, not one per method.
+    it (`convert`), so comparing methods costs one prefill, not one per method. The methods'
+    programs compile side by side before any of them decodes (`compiled_together`).
     """
     if not isinstance(methods, (list, tuple)) or not methods:
         raise TypeError(f"methods must be a non-empty list of kvjax Methods (use generate for one), got {methods!r}")
@@ -453,11 +500,32 @@ def generate_many(
     batched, prompts, questions = _tokenize(model.tokenizer, context, question)
     model = _on_mesh(model, mesh)
     dense = prefill(model, prompts, Full(), extra_tokens=max((len(q) for q in questions), default=0) + max_new_tokens, mesh=mesh)
-    outputs: dict[int, GenerationOutput] = {}
     # One Full decodes last on the dense cache itself: decoding donates (consumes) it.
     last = max((i for i, m in enumerate(methods) if m == Full()), default=None)
-    for i in [j for j in range(len(methods)) if j != last] + ([last] if last is not None else []):
+    order = [j for j in range(len(methods)) if j != last] + ([last] if last is not None else [])
+    # Every method's decode loop is compiled first, side by side (`compiled_together`). It is
+    # lowered against its real converted cache, which is dropped once lowered, so that one
+    # converted cache exists at a time: each conversion runs again before its decode (its
+    # compiled program is reused). A method's `compile_s` is the shared prefill's plus its own
+    # conversion and decode programs'.
+    convert_s: dict[int, float] = {}
+
+    def lowering_cache(i: int) -> Cache:
+        if i == last:
+            return dense.cache
+        pre = convert(dense, methods[i])
+        convert_s[i] = pre.compile_s - dense.compile_s
+        return pre.cache
+
+    decodes = dict(zip(order, compiled_together(
+        _decode_program(model, dense, lowering_cache(i), methods[i], questions, max_new_tokens, temperature,
+                        top_p, seed)
+        for i in order
+    )))
+    outputs: dict[int, GenerationOutput] = {}
+    for i in order:
         pre = dense if i == last else convert(dense, methods[i])
+        pre = dataclasses.replace(pre, compile_s=dense.compile_s + convert_s.get(i, 0.0) + decodes[i][1])
         outputs[i] = _decode_from(model, pre, methods[i], prompts, questions, batched,
                                   max_new_tokens, temperature, top_p, seed)
     return [outputs[i] for i in range(len(methods))]
@@ -466,6 +534,29 @@ def generate_many(
 def _on_mesh(model: Model, mesh: Mesh | None) -> Model:
     """`model` with its parameters on `mesh` (unchanged without a mesh)."""
     return model if mesh is None else sharding.shard_model(model, mesh)
+
+
+def _decode_program(model: Model, pre: Prefilled, cache: Any, method: Method, questions: list[list[int]],
+                    max_new_tokens: int, temperature: float, top_p: float, seed: int) -> tuple:
+    """`(jitted, args, static)` of the decode loop over `cache`, for `compiled`."""
+    mesh = pre.mesh
+    q_width = max(1, max(len(q) for q in questions))
+    args = (
+        model.params,
+        cache,
+        pre.first_logits,
+        sharding.place_batch(_pad_right(questions, q_width, 0), mesh),
+        sharding.place_batch(np.array([len(q) for q in questions], np.int32), mesh),
+        *(sharding.replicate(x, mesh) for x in (
+            jnp.int32(max_new_tokens),
+            jnp.asarray(model.eos_token_ids or (-1,), jnp.int32),
+            jax.random.key(seed),
+            jnp.float32(max(temperature, 1e-6)),
+            jnp.float32(top_p),
+        )),
+    )
+    static = dict(config=model.config, method=method, greedy=temperature == 0.0, out_size=max_new_tokens, mesh=mesh)
+    return _decode_jit, args, static
 
 
 def _decode_from(
@@ -481,26 +572,10 @@ def _decode_from(
     seed: int,
 ) -> GenerationOutput:
     """Feed the questions, generate, and report (the prefilled cache is consumed)."""
-    config, tok, mesh = model.config, model.tokenizer, pre.mesh
-    q_width = max(1, max(len(q) for q in questions))
-    decode_args = (
-        model.params,
-        pre.cache,
-        pre.first_logits,
-        sharding.place_batch(_pad_right(questions, q_width, 0), mesh),
-        sharding.place_batch(np.array([len(q) for q in questions], np.int32), mesh),
-        *(sharding.replicate(x, mesh) for x in (
-            jnp.int32(max_new_tokens),
-            jnp.asarray(model.eos_token_ids or (-1,), jnp.int32),
-            jax.random.key(seed),
-            jnp.float32(max(temperature, 1e-6)),
-            jnp.float32(top_p),
-        )),
-    )
-    decode_exe, decode_compile_s = compiled(
-        _decode_jit, decode_args, config=config, method=method,
-        greedy=temperature == 0.0, out_size=max_new_tokens, mesh=mesh,
-    )
+    tok = model.tokenizer
+    jitted, decode_args, static = _decode_program(model, pre, pre.cache, method, questions, max_new_tokens,
+                                                  temperature, top_p, seed)
+    decode_exe, decode_compile_s = compiled(jitted, decode_args, **static)
     t0 = time.perf_counter()
     out, count, steps, bad, cache = decode_exe(*decode_args)
     out = np.asarray(out)

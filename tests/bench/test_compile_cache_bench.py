@@ -28,3 +28,13 @@ def test_ratios_pair_the_runs_of_a_round():
     table = markdown_table(summary)
     assert "| cold / warm | 4.00x | 4.00x | 2.00x |" in table
     assert table.splitlines()[0] == "| | full | clusterkv | wall |"
+
+
+def test_the_sides_are_named_by_the_rounds():
+    """`--compare threads` rounds: the ratio is one thread / side by side, named so."""
+    rounds = [{"one_thread": _run(30.0, full=10.0, freekv=40.0), "side_by_side": _run(20.0, full=10.0, freekv=20.0)}]
+    summary = summarize(rounds)
+    assert summary["one_thread_over_side_by_side"] == {"wall": 1.5, "compile": 50.0 / 30.0, "full": 1.0, "freekv": 2.0}
+    table = markdown_table(summary).splitlines()
+    assert table[2] == "| compile s, one thread | 10.0 | 40.0 | 30.0 |"
+    assert table[4] == "| one thread / side by side | 1.00x | 2.00x | 1.50x |"

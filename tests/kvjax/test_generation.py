@@ -225,6 +225,35 @@ def test_generate_many_shares_one_prefill_and_equals_generate(tiny, monkeypatch)
         assert out.stats["device_kv_bytes"] == alone.stats["device_kv_bytes"]
 
 
+def test_compiled_together_compiles_each_program_once_and_runs_like_jit():
+    """Programs compiled side by side run like `jax.jit`; one asked for twice is compiled once
+    (the repeat reports 0 s), one compiled before costs 0 s; a generator of requests works."""
+    import jax
+    import jax.numpy as jnp
+
+    from kvjax.generation import compiled, compiled_together
+
+    power = jax.jit(lambda x, *, n: x**n, static_argnames="n")
+    x = jnp.arange(5.0)
+    (square, square_s), (cube, cube_s), (again, again_s) = compiled_together(
+        (power, (x,), {"n": n}) for n in (2, 3, 2))
+    assert again is square and again_s == 0.0 and square_s > 0 and cube_s > 0
+    np.testing.assert_array_equal(square(x), np.arange(5.0) ** 2)
+    np.testing.assert_array_equal(cube(x), np.arange(5.0) ** 3)
+    assert compiled(power, (x,), n=3) == (cube, 0.0)
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])
+def test_a_bad_compile_thread_count_names_the_variable(monkeypatch, value):
+    from kvjax.generation import COMPILE_THREADS_ENV, compile_threads
+
+    monkeypatch.setenv(COMPILE_THREADS_ENV, value)
+    with pytest.raises(ValueError, match=f"KVJAX_COMPILE_THREADS must be an integer >= 1, got '{value}'"):
+        compile_threads()
+    monkeypatch.setenv(COMPILE_THREADS_ENV, " 3 ")
+    assert compile_threads() == 3
+
+
 @pytest.mark.parametrize("method_name", ["full", "streaming_llm", "quest", "clusterkv", "freekv"])
 def test_nan_logits_raise_naming_the_sequence_and_step(tiny, method_name):
     """A NaN key/value from the 3rd question token on: generate raises at that step for that
