@@ -255,8 +255,8 @@ def compiled_together(requests: Iterable[tuple[Any, tuple, dict[str, Any]]]) -> 
     sequential, overlapping the compilation of the programs lowered before. Each program's
     seconds are its own lowering plus compilation (wall time, so programs compiled side by
     side on busy cores each count the contention). At most `compile_threads()` compile at
-    once. `requests` may be a generator: each request is
-    lowered, then let go (its arrays can be freed) before the next is made.
+    once. `requests` may be a generator: each request is lowered, then let go (its arrays
+    can be freed) before the next is made.
     """
     def build(lowered, lower_s: float) -> tuple[Any, float]:
         t0 = time.perf_counter()
