@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.compute_on import compute_on
 
 
@@ -55,6 +56,32 @@ def set_compilation_cache(directory: Any, *, max_bytes: int, min_compile_s: floa
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_s))
     if hasattr(jax.config, "jax_compilation_cache_max_size"):
         jax.config.update("jax_compilation_cache_max_size", int(max_bytes))
+
+
+def traced_sharding(sharding: Any) -> Any:
+    """`sharding` in a form whose memory kind survives tracing an abstract value.
+
+    jax (0.10 and 0.11) takes an abstract value's memory space only from a `NamedSharding`
+    (`core.update_aval_with_sharding`): a `ShapeDtypeStruct` on a `SingleDeviceSharding` in
+    `pinned_host` memory traces as device memory, where the real array traces as host
+    memory. The same placement as a `NamedSharding` over a one-device mesh traces as the
+    array does, and its executable runs on the array. Other shardings are returned as they
+    are.
+    """
+    if not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    (device,) = sharding.device_set
+    if sharding.memory_kind in (None, device.default_memory().kind):
+        return sharding
+    mesh = jax.sharding.Mesh(np.array([device]), ("one_device",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(), memory_kind=sharding.memory_kind)
+
+
+def abstract_outputs(executable: Any) -> Any:
+    """`ShapeDtypeStruct`s of a compiled program's outputs (shapes, dtypes, placements and
+    memory kinds) that lower other programs exactly as its real outputs would."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=traced_sharding(x.sharding)),
+                        executable.out_info)
 
 
 def make_auto_mesh(shape: tuple[int, ...], names: tuple[str, ...], devices: list[jax.Device]) -> jax.sharding.Mesh:

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from kvjax import sharding
 from kvjax.cache import Cache, CacheSpec, init_cache, kv_bytes
 from kvjax.checks import check_count, is_integer
-from kvjax.compat import compiler_options, conditionals_sync_host
+from kvjax.compat import abstract_outputs, compiler_options, conditionals_sync_host, traced_sharding
 from kvjax.methods import Full, Method
 from kvjax.methods.full import DenseLayerCache
 from kvjax.methods.base import check_method, prefix_sum
@@ -256,7 +256,8 @@ def compiled_together(requests: Iterable[tuple[Any, tuple, dict[str, Any]]]) -> 
     seconds are its own lowering plus compilation (wall time, so programs compiled side by
     side on busy cores each count the contention). At most `compile_threads()` compile at
     once. `requests` may be a generator: each request is lowered, then let go (its arrays
-    can be freed) before the next is made.
+    can be freed) before the next is made. Arguments may be abstract (`ShapeDtypeStruct`s,
+    see `compat.abstract_outputs`): such a program is the one its real arrays would get.
     """
     def build(lowered, lower_s: float) -> tuple[Any, float]:
         t0 = time.perf_counter()
@@ -267,7 +268,7 @@ def compiled_together(requests: Iterable[tuple[Any, tuple, dict[str, Any]]]) -> 
     with concurrent.futures.ThreadPoolExecutor(max_workers=compile_threads()) as pool:
         for i, (jitted, args, static) in enumerate(requests):
             leaves, treedef = jax.tree_util.tree_flatten(args)
-            shapes = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+            shapes = tuple((x.shape, str(x.dtype), traced_sharding(getattr(x, "sharding", None))) for x in leaves)
             key = (jitted, treedef, shapes, tuple(sorted(static.items(), key=str)))
             if key in _EXECUTABLES:
                 results[i] = (_EXECUTABLES[key], 0.0)
@@ -358,12 +359,8 @@ def convert(pre: Prefilled, method: Method) -> Prefilled:
     Every method's prefill is the same exact causal attention, so several methods can share
     one prefill; `prefill_s` then counts the shared prefill plus this method's indexing.
     """
-    for layer in pre.cache.layers:
-        if not isinstance(layer, DenseLayerCache):
-            raise ValueError("convert needs a prefill made with Full()")
-    method.validate(pre.spec)
-    args = (pre.cache,)
-    exe, compile_s = compiled(_convert_jit, args, method=method, spec=pre.spec, bucket=pre.bucket, mesh=pre.mesh)
+    jitted, args, static = _convert_program(pre, method)
+    exe, compile_s = compiled(jitted, args, **static)
     t0 = time.perf_counter()
     cache = exe(*args)
     jax.block_until_ready(cache)
@@ -371,6 +368,15 @@ def convert(pre: Prefilled, method: Method) -> Prefilled:
         pre, cache=cache, prefill_s=pre.prefill_s + time.perf_counter() - t0,
         compile_s=pre.compile_s + compile_s,
     )
+
+
+def _convert_program(pre: Prefilled, method: Method) -> tuple:
+    """`(jitted, args, static)` of `convert`, for `compiled`."""
+    for layer in pre.cache.layers:
+        if not isinstance(layer, DenseLayerCache):
+            raise ValueError("convert needs a prefill made with Full()")
+    method.validate(pre.spec)
+    return _convert_jit, (pre.cache,), dict(method=method, spec=pre.spec, bucket=pre.bucket, mesh=pre.mesh)
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int = 0) -> None:
@@ -504,18 +510,17 @@ def generate_many(
     last = max((i for i, m in enumerate(methods) if m == Full()), default=None)
     order = [j for j in range(len(methods)) if j != last] + ([last] if last is not None else [])
     # Every method's decode loop is compiled first, side by side (`compiled_together`). It is
-    # lowered against its real converted cache, which is dropped once lowered, so that one
-    # converted cache exists at a time: each conversion runs again before its decode (its
-    # compiled program is reused). A method's `compile_s` is the shared prefill's plus its own
-    # conversion and decode programs'.
+    # lowered against the abstract outputs of its conversion program (compiled here, run just
+    # before its decode), so no converted cache exists until it is decoded. A method's
+    # `compile_s` is the shared prefill's plus its own conversion and decode programs'.
     convert_s: dict[int, float] = {}
 
-    def lowering_cache(i: int) -> Cache:
+    def lowering_cache(i: int) -> Any:
         if i == last:
             return dense.cache
-        pre = convert(dense, methods[i])
-        convert_s[i] = pre.compile_s - dense.compile_s
-        return pre.cache
+        jitted, args, static = _convert_program(dense, methods[i])
+        exe, convert_s[i] = compiled(jitted, args, **static)
+        return abstract_outputs(exe)
 
     decodes = dict(zip(order, compiled_together(
         _decode_program(model, dense, lowering_cache(i), methods[i], questions, max_new_tokens, temperature,

@@ -206,19 +206,22 @@ def test_generate_many_rejects_bad_method_lists(tiny, methods, error, match):
 
 
 def test_generate_many_shares_one_prefill_and_equals_generate(tiny, monkeypatch):
-    """Methods derived from one dense prefill generate exactly what their own prefill gives."""
+    """Methods derived from one dense prefill generate exactly what their own prefill gives;
+    each derived cache is converted once (the decode loops compile before any conversion runs)."""
     from kvjax import ClusterKV, Quest, generate_many
     from kvjax import generation
 
-    prefills = []
-    real_prefill = generation.prefill
+    prefills, conversions = [], []
+    real_prefill, real_convert = generation.prefill, generation.convert
     monkeypatch.setattr(generation, "prefill", lambda *a, **k: prefills.append(a[2]) or real_prefill(*a, **k))
+    monkeypatch.setattr(generation, "convert", lambda pre, m: conversions.append(m) or real_convert(pre, m))
 
     contexts = [_ids(300, 1), _ids(170, 2)]
     methods = [Full(), StreamingLLM(budget=64, sink=4), Quest(budget=64, page_size=16, dense_layers=1),
                ClusterKV(budget=64, sink=8, tokens_per_cluster=16, dense_layers=1), Full()]
     shared = generate_many(tiny, contexts, methods, question=["Where?", "Who?"], max_new_tokens=12)
     assert prefills == [Full()]  # one dense prefill for five methods
+    assert conversions == methods[:-1]  # the last Full decodes the dense cache itself
     for method, out in zip(methods, shared):
         alone = generate(tiny, contexts, question=["Where?", "Who?"], method=method, max_new_tokens=12)
         assert out.tokens == alone.tokens, method
@@ -241,6 +244,26 @@ def test_compiled_together_compiles_each_program_once_and_runs_like_jit():
     np.testing.assert_array_equal(square(x), np.arange(5.0) ** 2)
     np.testing.assert_array_equal(cube(x), np.arange(5.0) ** 3)
     assert compiled(power, (x,), n=3) == (cube, 0.0)
+
+
+def test_a_program_lowered_on_abstract_host_arrays_is_the_real_arrays_program():
+    """`compat.abstract_outputs` of a result in host memory lowers a program that reads host
+    memory (jax takes an abstract value's memory kind from a `NamedSharding` only), and the
+    real array finds that executable already compiled."""
+    import jax
+    import jax.numpy as jnp
+
+    from kvjax.compat import abstract_outputs, host_take_heads, to_host
+    from kvjax.generation import compiled, compiled_together
+
+    store = jax.jit(to_host).lower(jnp.zeros((2, 8, 3))).compile()
+    take = jax.jit(lambda host, rows: host_take_heads(host, rows))
+    rows = jnp.array([[5], [1]], jnp.int32)
+    [(exe, _)] = compiled_together([(take, (abstract_outputs(store), rows), {})])
+    host = store(jnp.arange(48.0).reshape(2, 8, 3))
+    assert host.sharding.memory_kind == "pinned_host"
+    assert compiled(take, (host, rows)) == (exe, 0.0)
+    np.testing.assert_array_equal(exe(host, rows), np.arange(48.0).reshape(2, 8, 3)[[[0], [1]], [[5], [1]]])
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])
