@@ -66,6 +66,7 @@ COMPARED = {
     "clusterkv": ClusterKV(budget=256),
     "freekv": FreeKV(budget=512, sink=64, recent=64, page_size=16),  # the FreeKV issue's test setting
 }
+FREEKV_LENGTH = 7000  # the FreeKV issue's passkey length; at 4k it would only add a ~50 s compile
 
 
 @pytest.fixture(scope="module", params=[4000, 7000], ids=lambda n: f"{n}tok")
@@ -74,11 +75,12 @@ def passkey_runs(request, smollm2):
     length = request.param
     samples = _passkey_batch(smollm2, length)
     assert all(abs(s.context_tokens - length) <= 0.05 * length for s in samples)
-    outs = generate_many(smollm2, [s.context for s in samples], list(COMPARED.values()),
+    compared = {name: m for name, m in COMPARED.items() if name != "freekv" or length == FREEKV_LENGTH}
+    outs = generate_many(smollm2, [s.context for s in samples], list(compared.values()),
                          question=[s.question for s in samples], max_new_tokens=8)
     return length, {
         name: ([score(s, t) for s, t in zip(samples, out.text)], out.text)
-        for name, out in zip(COMPARED, outs)
+        for name, out in zip(compared, outs)
     }
 
 
@@ -113,13 +115,16 @@ def test_clusterkv_answers_every_passkey_full_answers(passkey_runs):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "known gap (FreeKV issue): budget 512 with pages of 16 misses depths Full answers at ~4k and "
-    "~7k (at 7k it recalls the key only at 10% depth, and speculative=False and Quest(512, page 16) "
-    "miss the same depths), so it is page-level selection on this model, not speculation"))
+    "known gap (FreeKV issue): budget 512 with pages of 16 misses depths Full answers at ~7k (it "
+    "recalls the key only at 10% depth; it missed depths at ~4k too, when that length ran), and "
+    "speculative=False and Quest(512, page 16) miss the same depths, so it is page-level "
+    "selection on this model, not speculation"))
 def test_freekv_answers_every_passkey_full_answers(passkey_runs):
     """FreeKV at budget 512 (sink 64, recent 64, pages of 16): speculative page retrieval
     with correction finds the key's page at every depth that Full answers."""
-    _, runs = passkey_runs
+    length, runs = passkey_runs
+    if length != FREEKV_LENGTH:
+        pytest.skip(f"the FreeKV issue's passkey test is at ~{FREEKV_LENGTH} tokens")
     full, _ = runs["full"]
     scores, texts = runs["freekv"]
     assert all(c >= f for c, f in zip(scores, full)), (texts, runs["full"][1])
